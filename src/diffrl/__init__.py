@@ -1,0 +1,3 @@
+"""diffrl: fine-tune text-to-image diffusion models with reinforcement learning from reward models."""
+
+__version__ = "0.1.0.dev0"

@@ -1,0 +1,113 @@
+"""What the VP (gDDIM) and flow step functions share: the typed result, eta checks, Gaussian log-probabilities."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+LogProbReduction = Literal["mean", "sum"]
+LOG_PROB_REDUCTIONS: tuple[str, ...] = ("mean", "sum")
+
+_LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
+
+
+@dataclass
+class StepOutput:
+    """One reverse step of a sampler.
+
+    Attributes:
+        prev_sample: the sample one step less noisy, ``[B, ...]``, in the dtype of the input sample. When the
+            step was asked to re-score a stored ``prev_sample``, this is that tensor, unchanged.
+        mean: mean of the Gaussian transition, ``[B, ...]``, float32.
+        std: standard deviation of the transition, ``[B, 1, ..., 1]`` (broadcasts against ``mean``), float32.
+        log_prob: ``log N(prev_sample; mean, std^2 I)`` reduced over every non-batch dimension, ``[B]``, float32;
+            ``None`` for a deterministic step (``std == 0``), which has no density.
+        pred_original_sample: the model's estimate of the clean sample x0, ``[B, ...]``, float32.
+    """
+
+    prev_sample: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+    log_prob: torch.Tensor | None
+    pred_original_sample: torch.Tensor
+
+
+def check_eta(eta: float) -> float:
+    """Reject a negative or non-finite eta; return it as a float."""
+    eta = float(eta)
+    if not math.isfinite(eta) or eta < 0.0:
+        raise ValueError(f"eta must be a finite number >= 0 (0 is the deterministic ODE sampler); got {eta}.")
+    return eta
+
+
+def check_reduction(reduction: str) -> None:
+    if reduction not in LOG_PROB_REDUCTIONS:
+        raise ValueError(f"log_prob_reduction must be one of {LOG_PROB_REDUCTIONS}; got {reduction!r}.")
+
+
+def per_sample(value: float | torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+    """A scalar or a ``[B]`` tensor as float32 of shape ``[B or 1, 1, ..., 1]``, broadcastable against ``sample``."""
+    value = torch.as_tensor(value, dtype=torch.float32, device=sample.device)
+    if value.ndim == 0:
+        value = value.reshape(1)
+    if value.ndim != 1 or value.shape[0] not in (1, sample.shape[0]):
+        raise ValueError(
+            f"a per-step quantity must be a scalar or have shape [batch={sample.shape[0]}]; got {tuple(value.shape)}."
+        )
+    return value.reshape(-1, *([1] * (sample.ndim - 1)))
+
+
+def gaussian_log_prob(
+    value: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, reduction: LogProbReduction
+) -> torch.Tensor:
+    """``log N(value; mean, std^2)`` per element, reduced over all non-batch dimensions: ``[B]`` float32.
+
+    ``std`` must be strictly positive; callers decide what a zero-variance step means.
+    """
+    value = value.to(torch.float32)
+    log_prob = -((value - mean) ** 2) / (2.0 * std**2) - torch.log(std) - _LOG_SQRT_2PI
+    dims = tuple(range(1, log_prob.ndim))
+    if reduction == "mean":
+        return log_prob.mean(dim=dims)
+    return log_prob.sum(dim=dims)
+
+
+def finish_step(
+    *,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    x0: torch.Tensor,
+    sample: torch.Tensor,
+    generator: torch.Generator | list[torch.Generator] | None,
+    prev_sample: torch.Tensor | None,
+    reduction: LogProbReduction,
+) -> StepOutput:
+    """Draw ``prev_sample ~ N(mean, std^2)`` (or take the given one) and score it.
+
+    The sample is cast to the input dtype *before* it is scored, so that re-scoring the stored sample later with
+    unchanged weights gives exactly the same log-probability (importance ratio 1).
+    """
+    std = std.expand(mean.shape[0], *std.shape[1:])
+    stochastic = std > 0
+    if bool(stochastic.any()) and not bool(stochastic.all()):
+        raise ValueError(
+            "this batch mixes deterministic (std = 0) and stochastic steps, so it has no joint log-probability; "
+            "score the final deterministic step separately or drop it from the trained timesteps."
+        )
+    has_density = bool(stochastic.all())
+
+    if prev_sample is None:
+        if has_density:
+            noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=torch.float32)
+            prev_sample = (mean + std * noise).to(sample.dtype)
+        else:
+            prev_sample = mean.to(sample.dtype)
+    elif prev_sample.shape != sample.shape:
+        raise ValueError(f"prev_sample has shape {tuple(prev_sample.shape)}; expected {tuple(sample.shape)}.")
+
+    log_prob = gaussian_log_prob(prev_sample, mean, std, reduction) if has_density else None
+    return StepOutput(prev_sample=prev_sample, mean=mean, std=std, log_prob=log_prob, pred_original_sample=x0)
