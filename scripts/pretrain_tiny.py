@@ -1,0 +1,253 @@
+"""Pretrain the embedded tiny Stable Diffusion on the shapes world (CPU-friendly, resumable).
+
+    python scripts/pretrain_tiny.py --out src/diffrl/tiny/sd --work runs/pretrain_tiny
+
+Stages, each resumable from its latest checkpoint under ``--work`` (re-run the same command after an interruption):
+  1. render a fixed data set of scenes from the *training* prompts only (held-out prompts are never seen);
+  2. train the 8x VAE (64x64x3 -> 8x8x4) on those scenes; set its latent scaling factor to 1 / std(latents);
+  3. cache the latents of every scene;
+  4. train the UNet and the text encoder jointly (epsilon loss, min-SNR weighting, 10% empty captions for
+     classifier-free guidance, an EMA of the weights);
+  5. save the EMA weights in diffusers' layout to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers.training_utils import EMAModel, compute_snr
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from diffrl.tiny.build import (
+    build_scheduler,
+    build_text_encoder,
+    build_tokenizer,
+    build_unet,
+    build_vae,
+    save_pipeline,
+)
+from diffrl.tiny.world import captions_by_kind, load_prompts, render, sample_caption
+
+
+def atomic_torch_save(obj: object, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_save_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+    os.replace(tmp, path)
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. data
+
+
+def render_dataset(work: Path, num_scenes: int, seed: int) -> tuple[torch.Tensor, list[str]]:
+    path = work / "scenes.safetensors"
+    captions_path = work / "captions.json"
+    if path.exists() and captions_path.exists():
+        return load_file(path)["images"], json.loads(captions_path.read_text())
+    rng = random.Random(seed)
+    by_kind = captions_by_kind(load_prompts("train"))
+    captions, images = [], np.empty((num_scenes, 64, 64, 3), dtype=np.uint8)
+    for i in tqdm(range(num_scenes), desc="render scenes"):
+        caption = sample_caption(rng, by_kind)
+        captions.append(caption.text)
+        images[i] = render(caption, seed * 10_000_019 + i)
+    atomic_save_file({"images": torch.from_numpy(images)}, path)
+    captions_path.write_text(json.dumps(captions))
+    return torch.from_numpy(images), captions
+
+
+def to_model_space(images_uint8: torch.Tensor) -> torch.Tensor:
+    """[N, 64, 64, 3] uint8 -> [N, 3, 64, 64] float in [-1, 1]."""
+    return images_uint8.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2-3. VAE and latents
+
+
+def train_vae(work: Path, images: torch.Tensor, args: argparse.Namespace):
+    vae = build_vae()
+    final = work / "vae_final"
+    if (final / "config.json").exists():
+        return type(vae).from_pretrained(final)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    ckpt = work / "vae_ckpt.pt"
+    step = 0
+    generator = torch.Generator().manual_seed(args.seed + 1)
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=True)
+        vae.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        step = state["step"]
+    vae.train()
+    bar = tqdm(total=args.vae_steps, initial=step, desc="vae")
+    while step < args.vae_steps:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, args.vae_steps, args.vae_lr, warmup=100)
+        index = torch.randint(0, images.shape[0], (args.vae_batch,), generator=generator)
+        x = to_model_space(images[index])
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample(generator=generator)).sample
+        loss = F.mse_loss(recon, x) + args.vae_kl * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step % args.checkpoint_every == 0 or step == args.vae_steps:
+            state = {"model": vae.state_dict(), "optimizer": optimizer.state_dict(), "step": step}
+            state["generator"] = generator.get_state()
+            atomic_torch_save(state, ckpt)
+    bar.close()
+    vae.eval()
+    vae.save_pretrained(final)
+    return vae
+
+
+@torch.no_grad()
+def encode_latents(work: Path, vae, images: torch.Tensor) -> torch.Tensor:
+    """Latent means of every scene, scaled by the VAE's scaling factor (set here to 1 / std)."""
+    path = work / "latents.safetensors"
+    if path.exists():
+        latents = load_file(path)["latents"]
+    else:
+        chunks = [vae.encode(to_model_space(images[i : i + 256])).latent_dist.mean for i in range(0, len(images), 256)]
+        latents = torch.cat(chunks)
+        atomic_save_file({"latents": latents}, path)
+    scaling_factor = 1.0 / latents.std().item()
+    vae.register_to_config(scaling_factor=scaling_factor)
+    return latents * scaling_factor
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. UNet + text encoder
+
+
+def train_unet(work: Path, latents: torch.Tensor, captions: list[str], args: argparse.Namespace):
+    tokenizer = build_tokenizer(work / "tokenizer")
+    text_encoder = build_text_encoder(tokenizer)
+    unet = build_unet()
+    scheduler = build_scheduler()
+    params = [*unet.parameters(), *text_encoder.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    ema = EMAModel(params, decay=args.ema_decay)
+    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
+    ids = ids.input_ids
+    empty_ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
+    empty_ids = empty_ids.input_ids
+    generator = torch.Generator().manual_seed(args.seed + 2)
+    ckpt = work / "unet_ckpt.pt"
+    step = 0
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=True)
+        unet.load_state_dict(state["unet"])
+        text_encoder.load_state_dict(state["text_encoder"])
+        optimizer.load_state_dict(state["optimizer"])
+        ema.load_state_dict(state["ema"])
+        generator.set_state(state["generator"])
+        step = state["step"]
+    alphas_cumprod = scheduler.alphas_cumprod
+    unet.train()
+    text_encoder.train()
+    bar = tqdm(total=args.unet_steps, initial=step, desc="unet")
+    started = time.time()
+    while step < args.unet_steps:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, args.unet_steps, args.lr, warmup=200)
+        index = torch.randint(0, latents.shape[0], (args.batch,), generator=generator)
+        x0 = latents[index]
+        batch_ids = ids[index].clone()
+        drop = torch.rand(args.batch, generator=generator) < args.empty_caption_prob
+        batch_ids[drop] = empty_ids
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (args.batch,), generator=generator)
+        noise = torch.randn(x0.shape, generator=generator)
+        a = alphas_cumprod[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        encoder_hidden_states = text_encoder(batch_ids)[0]
+        pred = unet(x_t, t, encoder_hidden_states).sample
+        snr = compute_snr(scheduler, t)
+        weight = torch.clamp(snr, max=args.snr_gamma) / snr  # min-SNR-gamma for epsilon prediction
+        loss = (weight * F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        ema.step(params)
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}", samples_per_s=f"{args.batch * bar.n / (time.time() - started):.0f}")
+        if step % args.checkpoint_every == 0 or step == args.unet_steps:
+            state = {
+                "unet": unet.state_dict(),
+                "text_encoder": text_encoder.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "ema": ema.state_dict(),
+                "generator": generator.get_state(),
+                "step": step,
+            }
+            atomic_torch_save(state, ckpt)
+    bar.close()
+    ema.copy_to(params)
+    return unet.eval(), text_encoder.eval(), tokenizer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("src/diffrl/tiny/sd"), help="where the model is saved")
+    parser.add_argument("--work", type=Path, default=Path("runs/pretrain_tiny"), help="data and checkpoints")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-scenes", type=int, default=40_000)
+    parser.add_argument("--vae-steps", type=int, default=1200)
+    parser.add_argument("--vae-batch", type=int, default=32)
+    parser.add_argument("--vae-lr", type=float, default=1e-3)
+    parser.add_argument("--vae-kl", type=float, default=1e-5, help="weight of the VAE's KL term")
+    parser.add_argument("--unet-steps", type=int, default=3000)
+    parser.add_argument("--batch", type=int, default=128, help="UNet batch size (scenes per step)")
+    parser.add_argument("--lr", type=float, default=5e-4, help="peak learning rate of the UNet and text encoder")
+    parser.add_argument("--ema-decay", type=float, default=0.999)
+    parser.add_argument("--snr-gamma", type=float, default=5.0)
+    parser.add_argument("--empty-caption-prob", type=float, default=0.1)
+    parser.add_argument("--checkpoint-every", type=int, default=250, help="steps between checkpoints")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    args.work.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    images, captions = render_dataset(args.work, args.num_scenes, args.seed)
+    vae = train_vae(args.work, images, args)
+    latents = encode_latents(args.work, vae, images)
+    unet, text_encoder, tokenizer = train_unet(args.work, latents, captions, args)
+    save_pipeline(args.out, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet)
+    print(f"saved the tiny model to {args.out} ({(time.time() - started) / 60:.1f} min this run)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,261 @@
+"""The shapes world: flat-coloured shapes on a plain background, and the captions that describe them.
+
+A caption follows a small grammar with four kinds of prompt::
+
+    single    a red circle
+    count     three blue squares                      (two, three or four objects)
+    binding   a green triangle and a yellow circle     (two different colours)
+    position  a red square left of a blue circle       (left of, right of, above, below; two different colours)
+
+Every prompt parses into a :class:`Caption`: one :class:`ObjectGroup` per colour and at most one
+:class:`Relation`. :func:`render` draws a 64x64 scene that satisfies a caption, deterministically from a seed;
+:mod:`diffrl.rewards.shapes` checks any image against a caption.
+
+The prompt space is split by a fixed rule (:func:`is_held_out`) into training prompts and held-out prompts, unseen
+combinations of seen colours and shapes, shipped as ``prompts/train.txt`` and ``prompts/heldout.txt``.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from importlib import resources
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+IMAGE_SIZE = 64
+SUPERSAMPLE = 4  # scenes are drawn at 4x and downsampled, so edges are anti-aliased
+BACKGROUND = (225, 225, 225)
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (215, 40, 40),
+    "green": (40, 165, 60),
+    "blue": (40, 80, 215),
+    "yellow": (240, 200, 30),
+    "purple": (145, 55, 185),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+COUNT_WORDS: dict[int, str] = {2: "two", 3: "three", 4: "four"}
+RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
+KINDS: tuple[str, ...] = ("single", "count", "binding", "position")
+
+
+@dataclass(frozen=True)
+class ObjectGroup:
+    """``count`` objects of one colour and shape."""
+
+    color: str
+    shape: str
+    count: int = 1
+
+
+@dataclass(frozen=True)
+class Relation:
+    """``subject`` (index into the caption's groups) is ``relation`` the ``reference`` group."""
+
+    relation: str
+    subject: int = 0
+    reference: int = 1
+
+
+@dataclass(frozen=True)
+class Caption:
+    kind: str
+    groups: tuple[ObjectGroup, ...]
+    relation: Relation | None = None
+
+    @property
+    def text(self) -> str:
+        return caption_text(self)
+
+
+def caption_text(caption: Caption) -> str:
+    """The prompt string for a caption (the inverse of :func:`parse`)."""
+    first = caption.groups[0]
+    if caption.kind == "single":
+        return f"a {first.color} {first.shape}"
+    if caption.kind == "count":
+        return f"{COUNT_WORDS[first.count]} {first.color} {first.shape}s"
+    second = caption.groups[1]
+    joiner = "and" if caption.kind == "binding" else caption.relation.relation
+    return f"a {first.color} {first.shape} {joiner} a {second.color} {second.shape}"
+
+
+def parse(prompt: str) -> Caption:
+    """Parse a prompt of the shapes grammar; anything else is a ``ValueError`` that says what the grammar accepts."""
+    words = prompt.strip().lower().split()
+    count_by_word = {word: n for n, word in COUNT_WORDS.items()}
+
+    def object_at(i: int) -> ObjectGroup:
+        if words[i] != "a" or words[i + 1] not in COLORS or words[i + 2] not in SHAPES:
+            raise IndexError
+        return ObjectGroup(words[i + 1], words[i + 2])
+
+    try:
+        if words and words[0] in count_by_word:
+            color, plural = words[1], words[2]
+            if len(words) != 3 or color not in COLORS or not plural.endswith("s") or plural[:-1] not in SHAPES:
+                raise IndexError
+            return Caption("count", (ObjectGroup(color, plural[:-1], count_by_word[words[0]]),))
+        if len(words) == 3:
+            return Caption("single", (object_at(0),))
+        first = object_at(0)
+        rest = words[3:]
+        if rest[:1] == ["and"]:
+            kind, relation, tail = "binding", None, rest[1:]
+        elif " ".join(rest[:2]) in RELATIONS:
+            kind, relation, tail = "position", Relation(" ".join(rest[:2])), rest[2:]
+        elif rest[:1] and rest[0] in RELATIONS:
+            kind, relation, tail = "position", Relation(rest[0]), rest[1:]
+        else:
+            raise IndexError
+        if len(tail) != 3:
+            raise IndexError
+        second = ObjectGroup(tail[1], tail[2])
+        if tail[0] != "a" or second.color not in COLORS or second.shape not in SHAPES or first.color == second.color:
+            raise IndexError
+        return Caption(kind, (first, second), relation)
+    except IndexError:
+        raise ValueError(
+            f"{prompt!r} is not a prompt of the shapes grammar. It accepts 'a red circle', 'three blue squares', "
+            "'a green triangle and a yellow circle' and 'a red square left of a blue circle' (also right of, "
+            f"above, below), with colours {', '.join(COLORS)}, shapes {', '.join(SHAPES)}, counts two to four, "
+            "and two different colours in a two-object prompt."
+        ) from None
+
+
+def all_captions() -> list[Caption]:
+    """Every caption of the grammar, in a fixed order."""
+    objects = [ObjectGroup(c, s) for c in COLORS for s in SHAPES]
+    captions = [Caption("single", (o,)) for o in objects]
+    captions += [Caption("count", (ObjectGroup(o.color, o.shape, n),)) for n in COUNT_WORDS for o in objects]
+    pairs = [(a, b) for a in objects for b in objects if a.color != b.color]
+    captions += [Caption("binding", pair) for pair in pairs]
+    captions += [Caption("position", pair, Relation(rel)) for rel in RELATIONS for pair in pairs]
+    return captions
+
+
+def is_held_out(caption: Caption) -> bool:
+    """The fixed split rule: about one compositional prompt in five is held out; single objects never are.
+
+    Colour and shape indices are summed over the caption's objects (plus the count, or the relation's index); a
+    caption is held out when that sum is divisible by 5. Every colour and shape therefore appears in training,
+    while held-out prompts combine them in ways training never shows.
+    """
+    if caption.kind == "single":
+        return False
+    colors, shapes = list(COLORS), list(SHAPES)
+    total = sum(colors.index(g.color) + shapes.index(g.shape) for g in caption.groups)
+    if caption.kind == "count":
+        total += caption.groups[0].count
+    if caption.relation is not None:
+        total += RELATIONS.index(caption.relation.relation)
+    return total % 5 == 0
+
+
+def split_prompts() -> tuple[list[str], list[str]]:
+    """``(train, heldout)`` prompt lists, by :func:`is_held_out`."""
+    captions = all_captions()
+    train = [c.text for c in captions if not is_held_out(c)]
+    heldout = [c.text for c in captions if is_held_out(c)]
+    return train, heldout
+
+
+def load_prompts(split: str) -> list[str]:
+    """The shipped prompt file ``train`` or ``heldout``, one prompt a line."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train' or 'heldout'; got {split!r}.")
+    text = resources.files("diffrl.tiny").joinpath("prompts", f"{split}.txt").read_text()
+    return [line for line in text.splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rendering
+
+
+@dataclass(frozen=True)
+class PlacedObject:
+    color: str
+    shape: str
+    center: tuple[float, float]  # (x, y) in pixels of the 64x64 image, y pointing down
+    size: float  # side of the bounding box, pixels
+
+
+def _draw(draw: ImageDraw.ImageDraw, obj: PlacedObject) -> None:
+    k = SUPERSAMPLE
+    cx, cy, half = obj.center[0] * k, obj.center[1] * k, obj.size * k / 2
+    fill = COLORS[obj.color]
+    if obj.shape == "circle":
+        draw.ellipse((cx - half, cy - half, cx + half, cy + half), fill=fill)
+    elif obj.shape == "square":
+        draw.rectangle((cx - half, cy - half, cx + half, cy + half), fill=fill)
+    else:  # upright isosceles triangle filling its bounding box
+        draw.polygon(((cx, cy - half), (cx + half, cy + half), (cx - half, cy + half)), fill=fill)
+
+
+def draw_scene(objects: list[PlacedObject]) -> np.ndarray:
+    """Draw placed objects: ``[64, 64, 3]`` uint8."""
+    size = IMAGE_SIZE * SUPERSAMPLE
+    image = Image.new("RGB", (size, size), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    for obj in objects:
+        _draw(draw, obj)
+    return np.asarray(image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX))
+
+
+def _separated(a: PlacedObject, b: PlacedObject, gap: float) -> bool:
+    reach = (a.size + b.size) / 2 + gap
+    return abs(a.center[0] - b.center[0]) >= reach or abs(a.center[1] - b.center[1]) >= reach
+
+
+def _relation_holds(relation: str, subject: PlacedObject, reference: PlacedObject, margin: float) -> bool:
+    dx = reference.center[0] - subject.center[0]
+    dy = reference.center[1] - subject.center[1]
+    return {"left of": dx, "right of": -dx, "above": dy, "below": -dy}[relation] >= margin
+
+
+def place(caption: Caption, rng: random.Random, max_tries: int = 1000) -> list[PlacedObject]:
+    """Random non-overlapping positions and sizes for a caption's objects that satisfy its relation."""
+    specs = [(i, g) for i, g in enumerate(caption.groups) for _ in range(g.count)]
+    n = len(specs)
+    low, high = (13.0, 20.0) if n <= 2 else (10.0, 14.0)
+    for _ in range(max_tries):
+        placed: list[tuple[int, PlacedObject]] = []
+        for group_index, group in specs:
+            size = rng.uniform(low, high)
+            margin = size / 2 + 2
+            obj = PlacedObject(
+                group.color,
+                group.shape,
+                (rng.uniform(margin, IMAGE_SIZE - margin), rng.uniform(margin, IMAGE_SIZE - margin)),
+                size,
+            )
+            if any(not _separated(obj, other, gap=3.0) for _, other in placed):
+                break
+            placed.append((group_index, obj))
+        else:
+            if caption.relation is not None:
+                subject = next(o for i, o in placed if i == caption.relation.subject)
+                reference = next(o for i, o in placed if i == caption.relation.reference)
+                if not _relation_holds(caption.relation.relation, subject, reference, margin=8.0):
+                    continue
+            return [o for _, o in placed]
+    raise RuntimeError(f"could not place the objects of {caption.text!r} in {max_tries} tries")
+
+
+def render(prompt: str | Caption, seed: int) -> np.ndarray:
+    """A scene that satisfies ``prompt``, deterministic from ``seed``: ``[64, 64, 3]`` uint8."""
+    caption = parse(prompt) if isinstance(prompt, str) else prompt
+    return draw_scene(place(caption, random.Random(seed)))
+
+
+def captions_by_kind(prompts: list[str] | None = None) -> dict[str, list[Caption]]:
+    """``prompts`` (default: the whole grammar) parsed and grouped by kind."""
+    pool = [parse(p) for p in prompts] if prompts is not None else all_captions()
+    by_kind = {kind: [c for c in pool if c.kind == kind] for kind in KINDS}
+    return {kind: captions for kind, captions in by_kind.items() if captions}
+
+
+def sample_caption(rng: random.Random, by_kind: dict[str, list[Caption]]) -> Caption:
+    """A caption drawn kind-first (each kind in ``by_kind`` equally likely), then uniformly within its kind."""
+    return rng.choice(by_kind[rng.choice(sorted(by_kind))])
