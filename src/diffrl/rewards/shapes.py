@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from diffrl.rewards.combine import Reward
 from diffrl.tiny.world import BACKGROUND, COLORS, SHAPES, Caption, parse
 
 MIN_AREA = 12  # pixels; smaller components are noise
@@ -135,3 +136,13 @@ def shapes(images: torch.Tensor, prompts: list[str], metadata: list[dict] | None
 def shapes_strict(images: torch.Tensor, prompts: list[str], metadata: list[dict] | None = None) -> torch.Tensor:
     """1 where every constraint of the prompt is satisfied, else 0: ``[B]`` float."""
     return torch.tensor([v.strict for v in _verdicts(images, prompts)], dtype=torch.float32)
+
+
+def make_shapes() -> Reward:
+    """Registry factory of :func:`shapes` (it needs no weights)."""
+    return shapes
+
+
+def make_shapes_strict() -> Reward:
+    """Registry factory of :func:`shapes_strict`."""
+    return shapes_strict

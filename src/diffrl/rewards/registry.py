@@ -1,0 +1,128 @@
+"""Resolve rewards by registry name, ``package.module:function`` or ``path/to/file.py:function``.
+
+Registry entries are *factories* (keyword arguments -> reward callable), named as ``"module:attribute"`` strings
+so that ``import diffrl`` imports no reward's dependencies: a model-backed reward imports its heavy packages and
+loads its weights only when it is built. A ``module:function`` or ``file.py:function`` target is the reward itself.
+A reward file is executed only when a user names it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from diffrl.rewards.combine import Reward, WeightedSum
+
+REGISTRY: dict[str, str] = {
+    "shapes": "diffrl.rewards.shapes:make_shapes",
+    "shapes_strict": "diffrl.rewards.shapes:make_shapes_strict",
+    "jpeg_compressibility": "diffrl.rewards.jpeg:jpeg_compressibility",
+    "jpeg_incompressibility": "diffrl.rewards.jpeg:jpeg_incompressibility",
+}
+
+
+def _import_attribute(target: str) -> object:
+    """``"package.module:attr"`` or ``"path/to/file.py:attr"`` -> the object."""
+    location, _, attribute = target.rpartition(":")
+    if not location or not attribute:
+        raise ValueError(f"{target!r} is not of the form 'package.module:function' or 'path/to/file.py:function'.")
+    if location.endswith(".py"):
+        path = Path(location).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"reward file {str(path)!r} does not exist (from {target!r}).")
+        module_name = f"diffrl_user_reward_{abs(hash(str(path.resolve())))}"
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(location)
+        except ModuleNotFoundError as error:
+            raise ValueError(f"cannot import module {location!r} for reward {target!r}: {error}") from error
+    if not hasattr(module, attribute):
+        public = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
+        raise ValueError(
+            f"{location!r} has no {attribute!r} (for reward {target!r}); it defines: {', '.join(public)}."
+        )
+    return getattr(module, attribute)
+
+
+def build_reward(spec: str | Reward, **kwargs: object) -> Reward:
+    """One reward from a registry name (built with ``kwargs``), a ``module:function`` / ``file.py:function``
+    target, or a callable (returned as is)."""
+    if callable(spec):
+        if kwargs:
+            raise ValueError("keyword arguments are for registry rewards; a callable is used as it is.")
+        return spec
+    if spec in REGISTRY:
+        factory = _import_attribute(REGISTRY[spec])
+        return factory(**kwargs)
+    if ":" in spec:
+        if kwargs:
+            raise ValueError(f"keyword arguments are for registry rewards; {spec!r} is used as it is.")
+        reward = _import_attribute(spec)
+        if not callable(reward):
+            raise TypeError(f"{spec!r} is a {type(reward).__name__}, not a callable reward.")
+        return reward
+    raise ValueError(
+        f"unknown reward {spec!r}. Use a registry name ({', '.join(sorted(REGISTRY))}), "
+        "'package.module:function', or 'path/to/file.py:function'."
+    )
+
+
+def parse_reward_spec(text: str) -> dict[str, float]:
+    """``"pickscore=1.0,jpeg_compressibility=0.1"`` -> ``{"pickscore": 1.0, "jpeg_compressibility": 0.1}``.
+
+    A name without ``=weight`` has weight 1.
+    """
+    weights: dict[str, float] = {}
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            raise ValueError(f"empty reward name in {text!r}; separate rewards with single commas.")
+        name, sep, weight_text = item.rpartition("=")
+        if not sep:
+            name, weight_text = item, "1"
+        try:
+            weight = float(weight_text)
+        except ValueError:
+            raise ValueError(f"reward weight {weight_text!r} in {item!r} is not a number.") from None
+        if not math.isfinite(weight):
+            raise ValueError(f"reward weight in {item!r} must be finite.")
+        if name in weights:
+            raise ValueError(f"reward {name!r} appears twice in {text!r}.")
+        weights[name] = weight
+    return weights
+
+
+def weighted_sum(
+    rewards: str | Reward | Mapping[str | Callable, float],
+    kwargs: Mapping[str, Mapping[str, object]] | None = None,
+    on_invalid: str = "raise",
+) -> WeightedSum:
+    """Build the combined reward the trainers use.
+
+    Args:
+        rewards: a spec string (``"shapes"``, ``"pickscore=1.0,jpeg_compressibility=0.1"``), a callable, or a dict
+            of names / callables to weights.
+        kwargs: per-name keyword arguments for registry rewards, e.g. ``{"pickscore": {"model_dir": "/models/ps"}}``.
+        on_invalid: ``"raise"`` or ``"drop"`` (see :class:`WeightedSum`).
+    """
+    kwargs = dict(kwargs or {})
+    if isinstance(rewards, str):
+        rewards = parse_reward_spec(rewards)
+    elif callable(rewards):
+        rewards = {rewards: 1.0}
+    parts: dict[str, tuple[Reward, float]] = {}
+    for spec, weight in rewards.items():
+        name = spec if isinstance(spec, str) else getattr(spec, "__name__", type(spec).__name__)
+        if name in parts:
+            raise ValueError(f"two rewards are both named {name!r}; give them distinct names.")
+        parts[name] = (build_reward(spec, **kwargs.pop(name, {})) if isinstance(spec, str) else spec, float(weight))
+    if kwargs:
+        raise ValueError(f"reward kwargs given for {sorted(kwargs)}, which are not among the rewards {list(parts)}.")
+    return WeightedSum(parts, on_invalid=on_invalid)
