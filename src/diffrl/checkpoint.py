@@ -1,0 +1,177 @@
+"""Checkpoints: written atomically (a temporary folder renamed into place), verified by a manifest of checksums.
+
+Layout of ``<output_dir>/checkpoints/epoch-000010/``::
+
+    adapter/               LoRA weights in diffusers' format (plain ``load_lora_weights`` loads them)
+    optimizer.pt           optimizer and learning-rate scheduler state (tensors only; loaded with weights_only=True)
+    trainer_state.json     completed epochs, optimizer steps, reward statistics
+    config.json            the resolved config of the run
+    manifest.json          size and SHA-256 of every file above, written last
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+
+from diffrl.config import Config, ConfigError
+
+CHECKPOINT_PREFIX = "epoch-"
+MANIFEST = "manifest.json"
+# Keys that may differ between a run and its resumption: where and how it logs, how long it runs, evaluation.
+RESUMABLE_DIFFERENCES = ("logging.", "train.epochs", "eval.")
+
+
+class CorruptCheckpointError(RuntimeError):
+    """A checkpoint whose files do not match its manifest, or that has none."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_tree(directory: Path) -> None:
+    for path in sorted(directory.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def checkpoint_dirs(output_dir: Path) -> list[Path]:
+    """Completed checkpoint folders (temporary ones excluded), oldest first."""
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX))
+
+
+def verify_checkpoint(directory: Path) -> None:
+    """Raise :class:`CorruptCheckpointError` unless every file listed in the manifest is present and intact."""
+    manifest_path = directory / MANIFEST
+    if not manifest_path.is_file():
+        raise CorruptCheckpointError(f"checkpoint {str(directory)!r} has no {MANIFEST}; it was not completed.")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as error:
+        raise CorruptCheckpointError(f"checkpoint {str(directory)!r} has an unreadable manifest: {error}") from None
+    for relative, entry in manifest["files"].items():
+        path = directory / relative
+        if not path.is_file():
+            raise CorruptCheckpointError(f"checkpoint {str(directory)!r} is missing {relative}.")
+        if path.stat().st_size != entry["size"] or _sha256(path) != entry["sha256"]:
+            raise CorruptCheckpointError(f"checkpoint {str(directory)!r}: {relative} does not match its checksum.")
+
+
+def save_checkpoint(
+    output_dir: Path,
+    *,
+    epoch: int,
+    policy,
+    optimizer,
+    lr_scheduler,
+    config: Config,
+    state: dict,
+    keep_last: int,
+) -> Path:
+    """Write the checkpoint of ``epoch`` completed epochs; keep the last ``keep_last`` checkpoints."""
+    root = Path(output_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{CHECKPOINT_PREFIX}{epoch:06d}"
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        policy.save_adapter(tmp / "adapter")
+        torch.save(
+            {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict()}, tmp / "optimizer.pt"
+        )
+        (tmp / "trainer_state.json").write_text(json.dumps({"epoch": epoch, **state}, sort_keys=True))
+        config.save(tmp / "config.json")
+        files = {
+            str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+            for p in sorted(tmp.rglob("*"))
+            if p.is_file()
+        }
+        (tmp / MANIFEST).write_text(json.dumps({"epoch": epoch, "files": files}, indent=1, sort_keys=True))
+        _fsync_tree(tmp)
+        if final.exists():
+            stale = root / f".stale-{final.name}-{os.getpid()}"
+            os.replace(final, stale)
+            shutil.rmtree(stale)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in checkpoint_dirs(output_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def find_checkpoint(output_dir: Path, resume: str) -> Path:
+    """``resume`` is ``"latest"`` (the newest intact checkpoint of ``output_dir``) or a checkpoint folder."""
+    if resume != "latest":
+        directory = Path(resume).expanduser()
+        if not directory.is_dir():
+            raise FileNotFoundError(
+                f"resume checkpoint {resume!r} does not exist; give a checkpoint folder or 'latest'."
+            )
+        verify_checkpoint(directory)
+        return directory
+    candidates = checkpoint_dirs(output_dir)
+    for directory in reversed(candidates):
+        try:
+            verify_checkpoint(directory)
+        except CorruptCheckpointError as error:
+            warnings.warn(f"{error} Using the previous checkpoint.", stacklevel=2)
+            continue
+        return directory
+    raise FileNotFoundError(
+        f"--resume latest: no intact checkpoint under {str(Path(output_dir) / 'checkpoints')!r}; "
+        "start the run without --resume."
+    )
+
+
+def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dicts."""
+    differences = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        name = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict) and not name.startswith("reward.kwargs"):
+            differences += config_differences(a, b, f"{name}.")
+        elif a != b and not (isinstance(a, list | tuple) and isinstance(b, list | tuple) and list(a) == list(b)):
+            differences.append(name)
+    return differences
+
+
+def load_checkpoint(directory: Path, *, policy, optimizer, lr_scheduler, config: Config) -> dict:
+    """Restore weights and optimizer state from a verified checkpoint; returns its trainer state.
+
+    The checkpoint's config must match the current one except for logging, ``train.epochs`` and evaluation.
+    """
+    verify_checkpoint(directory)
+    saved = json.loads((directory / "config.json").read_text())
+    differences = [
+        key for key in config_differences(saved, config.to_dict()) if not key.startswith(RESUMABLE_DIFFERENCES)
+    ]
+    if differences:
+        raise ConfigError(
+            f"checkpoint {str(directory)!r} was written by a run with a different config ({', '.join(differences)}); "
+            "resume with the same settings, or start a new run in another logging.output_dir."
+        )
+    policy.load_adapter(directory / "adapter")
+    optimizer_state = torch.load(directory / "optimizer.pt", weights_only=True, map_location="cpu")
+    optimizer.load_state_dict(optimizer_state["optimizer"])
+    lr_scheduler.load_state_dict(optimizer_state["lr_scheduler"])
+    return json.loads((directory / "trainer_state.json").read_text())

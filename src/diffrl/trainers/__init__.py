@@ -1,0 +1,23 @@
+"""Policy-gradient trainers: DDPO (``ddpo_sf``, ``ddpo_is``) and GRPO."""
+
+from __future__ import annotations
+
+from diffrl.config import Config
+from diffrl.rewards import Reward
+from diffrl.trainers.ddpo import DDPOTrainer
+from diffrl.trainers.grpo import GRPOTrainer
+
+
+def make_trainer(config: Config, reward: Reward | dict | str | None = None, resume: str | None = None):
+    """The trainer for ``config.train.algorithm``; ``reward`` (a callable, a weighted dict or a spec) overrides
+    ``config.reward``."""
+    if config.train.algorithm == "grpo":
+        return GRPOTrainer(config, reward=reward, resume=resume)
+    return DDPOTrainer(config, reward=reward, resume=resume)
+
+
+def train(config: Config, reward: Reward | dict | str | None = None, resume: str | None = None) -> None:
+    make_trainer(config, reward=reward, resume=resume).train()
+
+
+__all__ = ["DDPOTrainer", "GRPOTrainer", "make_trainer", "train"]

@@ -1,0 +1,422 @@
+"""What every trainer's loop uses besides the maths: set-up, sampling an epoch, the inner training pass, logging,
+evaluation and checkpoints. The loops themselves live in ``ddpo.py`` and ``grpo.py``.
+
+Determinism: every random choice of an epoch (its prompts, its seeds, the shuffles, the trained timesteps and the
+torch RNG that LoRA dropout draws from) is derived from ``(train.seed, epoch, process)``. A run resumed from the
+checkpoint of epoch e therefore continues exactly as the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from diffrl import policies
+from diffrl.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from diffrl.config import Config, ConfigError
+from diffrl.evaluation import evaluate
+from diffrl.rewards import Reward, weighted_sum
+from diffrl.sampling.rollout import Trajectory, rollout, select_embeds
+from diffrl.trainers.common import (
+    PolicyLoss,
+    clipped_surrogate_loss,
+    gaussian_kl,
+    score_function_loss,
+    subsample_timesteps,
+)
+
+
+def load_prompts(source: str) -> list[str]:
+    """``tiny:train`` / ``tiny:heldout`` (the shapes world's shipped lists) or a text file, one prompt a line."""
+    if source.startswith("tiny:"):
+        from diffrl.tiny.world import load_prompts as load_tiny
+
+        return load_tiny(source.removeprefix("tiny:"))
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {source!r} does not exist; give a text file or 'tiny:train'.")
+    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ConfigError(f"prompt file {source!r} has no prompts; write one prompt a line.")
+    return prompts
+
+
+def derived_seed(*parts: int) -> int:
+    """A 63-bit seed from integers, the same on every platform and process."""
+    return random.Random(":".join(str(p) for p in parts)).getrandbits(63)
+
+
+@dataclass
+class Samples:
+    """One epoch's trajectories on this process, flattened, with their rewards."""
+
+    trajectory: Trajectory
+    rewards: torch.Tensor  # [N] weighted total (NaN where dropped)
+    parts: dict[str, torch.Tensor]  # [N] per reward
+    valid: torch.Tensor  # [N] bool
+
+    def __len__(self) -> int:
+        return len(self.trajectory.prompts)
+
+
+def concat_trajectories(parts: list[Trajectory]) -> Trajectory:
+    first = parts[0]
+    embeds = [t.prompt_embeds for t in parts]
+    if isinstance(first.prompt_embeds, tuple):
+        merged = tuple(torch.cat(column) for column in zip(*embeds, strict=True))
+    else:
+        merged = torch.cat(embeds)
+    return Trajectory(
+        latents=torch.cat([t.latents for t in parts]),
+        log_probs=torch.cat([t.log_probs for t in parts]),
+        timesteps=first.timesteps,
+        sde_mask=first.sde_mask,
+        prompt_embeds=merged,
+        prompts=[p for t in parts for p in t.prompts],
+        seeds=[s for t in parts for s in t.seeds],
+        images=torch.cat([t.images for t in parts]),
+        eta=first.eta,
+        num_steps=first.num_steps,
+        guidance_scale=first.guidance_scale,
+        noise_schedule=first.noise_schedule,
+    )
+
+
+class Trainer:
+    """Set-up and shared phases of a policy-gradient run. Subclasses write ``train()``, the explicit loop."""
+
+    def __init__(self, config: Config, reward: Reward | dict | str | None = None, resume: str | None = None):
+        config.validate()
+        self.config = config
+        self.accelerator = Accelerator(
+            mixed_precision=config.train.mixed_precision,
+            log_with=None if config.logging.tracker == "none" else config.logging.tracker,
+            project_dir=config.logging.output_dir,
+        )
+        self.output_dir = Path(config.logging.output_dir)
+        self.is_main = self.accelerator.is_main_process
+        self.rank = self.accelerator.process_index
+        self.world = self.accelerator.num_processes
+        set_seed(config.train.seed)  # same LoRA initialisation on every process
+        self.policy = policies.load(config, self.accelerator.device)
+        self.reward = weighted_sum(
+            reward if reward is not None else config.reward.spec,
+            kwargs=config.reward.kwargs if reward is None else None,
+            on_invalid=config.reward.on_invalid,
+        )
+        self.train_prompts = load_prompts(config.prompts.train)
+        self.eval_prompts = load_prompts(config.prompts.eval) if config.eval.every_epochs > 0 else []
+        if config.eval.num_prompts:
+            self.eval_prompts = self.eval_prompts[: config.eval.num_prompts]
+        self.params = self.policy.trainable_parameters()
+        optimizer = torch.optim.AdamW(
+            self.params,
+            lr=config.train.lr,
+            betas=config.train.adam_betas,
+            weight_decay=config.train.weight_decay,
+            eps=config.train.adam_eps,
+        )
+        warmup = config.train.lr_warmup_steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, warmup)))
+        self.policy.denoiser, self.optimizer, self.lr_scheduler = self.accelerator.prepare(
+            self.policy.unet, optimizer, scheduler
+        )
+        self.start_epoch = 0
+        self.global_step = 0
+        self.extra_state: dict = {}
+        if self.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        if resume is not None:
+            self._resume(resume)
+        elif self.is_main:
+            config.save(self.output_dir / "config.json")
+            (self.output_dir / "metrics.jsonl").write_text("")
+        if config.logging.tracker != "none":
+            self.accelerator.init_trackers(self.output_dir.name, config=_flat(config.to_dict()))
+        self.accelerator.wait_for_everyone()
+
+    # ------------------------------------------------------------------------------------------------------------
+    # sampling
+
+    def global_index(self, batch: int, i: int) -> int:
+        """Index of local sample ``i`` of sampling batch ``batch`` in the epoch's global list (rank-major per batch),
+        so that a run on P processes samples exactly what one process with P-times the batch samples."""
+        return (batch * self.world + self.rank) * self.config.sample.batch_size + i
+
+    def sample_epoch(self, epoch: int, prompts_and_seeds) -> Samples:
+        """Roll out and score this process's share of the epoch. ``prompts_and_seeds(batch) -> (prompts, seeds,
+        step_seeds)`` gives a sampling batch's prompts and seeds."""
+        cfg = self.config.sample
+        self.policy.denoiser.eval()
+        trajectories, totals, parts, valids = [], [], {}, []
+        for batch in range(cfg.num_batches_per_epoch):
+            prompts, seeds, step_seeds = prompts_and_seeds(batch)
+            trajectory = rollout(
+                self.policy,
+                prompts,
+                seeds,
+                eta=cfg.eta,
+                num_steps=cfg.num_steps,
+                guidance_scale=cfg.guidance_scale,
+                noise_schedule=cfg.noise_schedule,
+                sde_window=cfg.sde_window,
+                log_prob_reduction=cfg.log_prob_reduction,
+                step_seeds=step_seeds,
+                progress=self.config.logging.progress_bars and self.is_main,
+            )
+            out = self.reward.score(trajectory.images, prompts, [{"epoch": epoch} for _ in prompts], batch)
+            trajectories.append(trajectory)
+            totals.append(out.total)
+            valids.append(out.valid)
+            for name, values in out.parts.items():
+                parts.setdefault(name, []).append(values)
+        return Samples(
+            trajectory=concat_trajectories(trajectories),
+            rewards=torch.cat(totals),
+            parts={name: torch.cat(values) for name, values in parts.items()},
+            valid=torch.cat(valids),
+        )
+
+    def gather(self, values: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.gather(values.to(self.accelerator.device)).cpu()
+
+    def reward_metrics(self, samples: Samples) -> dict[str, float]:
+        """Reward statistics of the epoch's global batch (gathered from every process)."""
+        valid = self.gather(samples.valid)
+        kept = self.gather(samples.rewards)[valid]
+        metrics = {
+            "reward/mean": kept.mean().item(),
+            "reward/std": kept.std(unbiased=False).item(),
+            "reward/dropped": int((~valid).sum()),
+        }
+        for name, values in samples.parts.items():
+            metrics[f"reward/{name}/mean"] = self.gather(values)[valid].mean().item()
+        return metrics
+
+    # ------------------------------------------------------------------------------------------------------------
+    # training
+
+    def step_loss(self, samples: Samples, rows: torch.Tensor, steps: torch.Tensor, advantages: torch.Tensor):
+        """The loss of trajectories ``rows`` at their step indices ``steps`` (``[b]`` each)."""
+        cfg, trajectory = self.config, samples.trajectory
+        x_t = trajectory.latents[rows, steps]
+        x_prev = trajectory.latents[rows, steps + 1]
+        embeds = select_embeds(trajectory.prompt_embeds, rows)
+        with self.accelerator.autocast():
+            model_output = self.policy.predict(x_t, trajectory.timesteps[steps], embeds, trajectory.guidance_scale)
+        out = self.policy.step(
+            model_output,
+            trajectory.num_steps,
+            steps,
+            x_t,
+            eta=trajectory.eta,
+            noise_schedule=trajectory.noise_schedule,
+            prev_sample=x_prev,
+            log_prob_reduction=cfg.sample.log_prob_reduction,
+        )
+        if cfg.train.algorithm == "ddpo_sf":
+            loss = score_function_loss(out.log_prob, advantages)
+        else:
+            old = trajectory.log_probs[rows, steps]
+            loss = clipped_surrogate_loss(out.log_prob, old, advantages, cfg.train.clip_range)
+        kl = torch.zeros((), device=out.mean.device)
+        if cfg.train.kl_coef > 0:
+            with torch.no_grad(), self.policy.reference(), self.accelerator.autocast():
+                reference_output = self.policy.predict(
+                    x_t, trajectory.timesteps[steps], embeds, trajectory.guidance_scale
+                )
+            reference = self.policy.step(
+                reference_output, trajectory.num_steps, steps, x_t, eta=trajectory.eta,
+                noise_schedule=trajectory.noise_schedule, prev_sample=x_prev,
+            )  # fmt: skip
+            kl = gaussian_kl(out.mean, reference.mean, out.std, cfg.sample.log_prob_reduction).mean()
+            loss = PolicyLoss(loss.loss + cfg.train.kl_coef * kl, loss.ratio_mean, loss.clip_fraction, loss.approx_kl)
+        return loss, kl, out.log_prob.detach()
+
+    def train_epoch(self, epoch: int, samples: Samples, advantages: torch.Tensor) -> dict[str, float]:
+        """Inner epochs of clipped updates on this process's samples; returns averaged diagnostics."""
+        cfg = self.config.train
+        advantages = advantages.to(self.accelerator.device)
+        keep = samples.valid.nonzero().flatten()
+        micro = cfg.batch_size
+        usable = (len(keep) // (micro * cfg.gradient_accumulation_steps)) * micro * cfg.gradient_accumulation_steps
+        generator = torch.Generator().manual_seed(derived_seed(cfg.seed, epoch, self.rank, 1))
+        torch.manual_seed(derived_seed(cfg.seed, epoch, self.rank, 2))  # LoRA dropout
+        self.policy.denoiser.train()
+        stats: dict[str, list[float]] = {}
+        first_step_ratios: list[torch.Tensor] = []
+        if cfg.check_on_policy:
+            stats["on_policy_max_abs_ratio_minus_1"] = [self._check_on_policy(samples, keep, advantages, epoch)]
+        for inner in range(cfg.num_inner_epochs):
+            order = keep[torch.randperm(len(keep), generator=generator)][:usable]
+            steps = subsample_timesteps(samples.trajectory.sde_mask, len(order), cfg.timestep_fraction, generator)
+            steps = steps.to(self.accelerator.device)
+            num_micro = len(order) // micro
+            for m in range(num_micro):
+                rows = order[m * micro : (m + 1) * micro].to(self.accelerator.device)
+                cols = steps[m * micro : (m + 1) * micro]
+                last_micro = (m + 1) % cfg.gradient_accumulation_steps == 0
+                for k in range(cols.shape[1]):
+                    sync = last_micro and k == cols.shape[1] - 1
+                    context = contextlib.nullcontext() if sync else self.accelerator.no_sync(self.policy.denoiser)
+                    with context:
+                        loss, kl, _ = self.step_loss(samples, rows, cols[:, k], advantages[rows])
+                        self._check_finite(loss.loss, "loss", epoch)
+                        self.accelerator.backward(loss.loss / (cfg.gradient_accumulation_steps * cols.shape[1]))
+                    if inner == 0 and m < cfg.gradient_accumulation_steps:
+                        first_step_ratios.append(loss.ratio_mean.detach())
+                    for name, value in (
+                        ("loss", loss.loss), ("ratio", loss.ratio_mean), ("clip_fraction", loss.clip_fraction),
+                        ("approx_kl", loss.approx_kl), ("kl", kl),
+                    ):  # fmt: skip
+                        stats.setdefault(name, []).append(value.item())
+                if last_micro:
+                    grad_norm = self.accelerator.clip_grad_norm_(self.params, cfg.max_grad_norm)
+                    self._check_finite(grad_norm, "gradient norm", epoch)
+                    self.optimizer.step()
+                    self.lr_scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.global_step += 1
+                    stats.setdefault("grad_norm", []).append(float(grad_norm))
+        result = {f"train/{name}": sum(values) / len(values) for name, values in stats.items()}
+        if first_step_ratios:
+            result["train/ratio_first_update_max_abs_dev"] = max(abs(r.item() - 1.0) for r in first_step_ratios)
+        result["train/lr"] = self.lr_scheduler.get_last_lr()[0]
+        return result
+
+    @torch.no_grad()
+    def _check_on_policy(self, samples: Samples, keep: torch.Tensor, advantages: torch.Tensor, epoch: int) -> float:
+        """Re-score every stochastic step of every sample with the sampling weights: max |ratio - 1|."""
+        mask = samples.trajectory.sde_mask.nonzero().flatten()
+        worst = 0.0
+        for start in range(0, len(keep), self.config.train.batch_size):
+            rows = keep[start : start + self.config.train.batch_size].to(self.accelerator.device)
+            for step in mask.tolist():
+                cols = torch.full_like(rows, step)
+                _, _, log_prob = self.step_loss(samples, rows, cols, advantages[rows])
+                ratio = torch.exp(log_prob - samples.trajectory.log_probs[rows, cols])
+                worst = max(worst, (ratio - 1).abs().max().item())
+        return worst
+
+    def _check_finite(self, value: torch.Tensor, what: str, epoch: int) -> None:
+        if not bool(torch.isfinite(torch.as_tensor(value)).all()):
+            raise FloatingPointError(
+                f"non-finite {what} at epoch {epoch} (optimizer step {self.global_step}); nothing was saved from this "
+                "epoch. Lower train.lr, raise train.clip_range's strictness, or check the reward for extreme values."
+            )
+
+    # ------------------------------------------------------------------------------------------------------------
+    # evaluation, logging, checkpoints
+
+    def maybe_evaluate(self, completed: int, final: bool = False) -> dict[str, float]:
+        """Evaluate after ``completed`` epochs (0: the base policy) every ``eval.every_epochs`` and at the end."""
+        cfg = self.config.eval
+        if cfg.every_epochs == 0 or not self.eval_prompts or not (final or completed % cfg.every_epochs == 0):
+            return {}
+        metrics = {}
+        if self.is_main:
+            self.policy.denoiser.eval()
+            etas = cfg.etas if cfg.etas is not None else (0.0, self.config.sample.eta)
+            result = evaluate(
+                self.policy,
+                self.eval_prompts,
+                self.reward,
+                etas=etas,
+                train_eta=self.config.sample.eta,
+                num_steps=cfg.num_steps,
+                guidance_scale=self.config.sample.guidance_scale,
+                seed=cfg.seed,
+                batch_size=self.config.sample.batch_size,
+                noise_schedule=self.config.sample.noise_schedule,
+            )
+            metrics = result.to_metrics()
+        self.accelerator.wait_for_everyone()
+        return metrics
+
+    def log(self, completed: int, metrics: dict[str, float]) -> None:
+        """One line of ``metrics.jsonl`` (and the console and tracker) for the state after ``completed`` epochs."""
+        metrics = {"epoch": completed, "global_step": self.global_step, **metrics}
+        if self.is_main:
+            with open(self.output_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics, sort_keys=True) + "\n")
+            shown = {k: v for k, v in metrics.items() if k.startswith(("reward/", "eval/")) and "stderr" not in k}
+            if "train/loss" in metrics:
+                shown = {"train/loss": metrics["train/loss"], **shown}
+            print(f"epoch {completed}: " + " ".join(f"{k} {v:.4g}" for k, v in shown.items()), flush=True)
+        if self.config.logging.tracker != "none":
+            self.accelerator.log(metrics, step=completed)
+
+    def maybe_checkpoint(self, completed: int, final: bool = False) -> None:
+        """Checkpoint after ``completed`` epochs every ``logging.checkpoint_every`` and at the end."""
+        every = self.config.logging.checkpoint_every
+        if not (final or (every > 0 and completed % every == 0)):
+            return
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            save_checkpoint(
+                self.output_dir,
+                epoch=completed,
+                policy=self.policy,
+                optimizer=self.optimizer,
+                lr_scheduler=self.lr_scheduler,
+                config=self.config,
+                state={"global_step": self.global_step, **self.extra_state},
+                keep_last=self.config.logging.keep_last,
+            )
+        self.accelerator.wait_for_everyone()
+
+    def _resume(self, resume: str) -> None:
+        directory = find_checkpoint(self.output_dir, resume)
+        state = load_checkpoint(
+            directory,
+            policy=self.policy,
+            optimizer=self.optimizer,
+            lr_scheduler=self.lr_scheduler,
+            config=self.config,
+        )
+        self.start_epoch = state.pop("epoch")
+        self.global_step = state.pop("global_step")
+        self.extra_state = state
+        if self.is_main:
+            metrics = self.output_dir / "metrics.jsonl"
+            lines = metrics.read_text().splitlines() if metrics.exists() else []
+            kept = [line for line in lines if line and json.loads(line)["epoch"] <= self.start_epoch]
+            metrics.write_text("".join(line + "\n" for line in kept))
+
+    def finish(self) -> None:
+        """End the run: close trackers and the process group (an open group can abort the interpreter at exit)."""
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+    def epoch_timer(self) -> _Timer:
+        return _Timer()
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        elapsed, self.start = now - self.start, now
+        return elapsed
+
+
+def _flat(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value if isinstance(value, int | float | str | bool) else str(value)
+    return out

@@ -1,0 +1,139 @@
+"""The maths the trainers share, as pure functions: advantages, the clipped surrogate, KL, timestep subsampling."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+EPS = 1e-4  # added to a reward std before dividing (as DDPO and Flow-GRPO do)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# advantages
+
+
+class PerPromptStatTracker:
+    """DDPO's per-prompt reward normalisation with a buffer that persists across epochs.
+
+    Each prompt keeps its last ``buffer_size`` rewards; a prompt with fewer than ``min_count`` uses the statistics
+    of the whole batch instead. :meth:`state_dict` / :meth:`load_state_dict` make it part of a checkpoint.
+    """
+
+    def __init__(self, buffer_size: int = 32, min_count: int = 16):
+        self.buffer_size = buffer_size
+        self.min_count = min_count
+        self.buffers: dict[str, deque[float]] = {}
+
+    def update(self, prompts: list[str], rewards: torch.Tensor) -> torch.Tensor:
+        """Add this batch's rewards and return its advantages ``(r - mean) / (std + eps)``, ``[N]``."""
+        rewards = rewards.detach().double().cpu()
+        advantages = torch.empty_like(rewards)
+        batch_mean, batch_std = rewards.mean(), rewards.std(unbiased=False)
+        for prompt in dict.fromkeys(prompts):
+            rows = torch.tensor([p == prompt for p in prompts])
+            buffer = self.buffers.setdefault(prompt, deque(maxlen=self.buffer_size))
+            buffer.extend(rewards[rows].tolist())
+            if len(buffer) < self.min_count:
+                mean, std = batch_mean, batch_std
+            else:
+                history = torch.tensor(list(buffer), dtype=torch.float64)
+                mean, std = history.mean(), history.std(unbiased=False)
+            advantages[rows] = (rewards[rows] - mean) / (std + EPS)
+        return advantages.float()
+
+    def state_dict(self) -> dict:
+        return {"buffer_size": self.buffer_size, "min_count": self.min_count, "buffers": {
+            prompt: list(values) for prompt, values in self.buffers.items()
+        }}  # fmt: skip
+
+    def load_state_dict(self, state: dict) -> None:
+        self.buffer_size = state["buffer_size"]
+        self.min_count = state["min_count"]
+        self.buffers = {p: deque(v, maxlen=self.buffer_size) for p, v in state["buffers"].items()}
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """GRPO: ``(r - mean_group) / (std_group + eps)`` for consecutive groups of ``group_size``: ``[N] -> [N]``.
+
+    Samples where ``valid`` is False (dropped rewards) are left out of their group's statistics and get 0.
+    """
+    if rewards.ndim != 1 or rewards.shape[0] % group_size != 0:
+        raise ValueError(f"rewards of shape {tuple(rewards.shape)} do not split into groups of {group_size}.")
+    valid = torch.ones_like(rewards, dtype=torch.bool) if valid is None else valid
+    groups = torch.where(valid, rewards, torch.zeros_like(rewards)).double().view(-1, group_size)
+    weights = valid.double().view(-1, group_size)
+    count = weights.sum(dim=1, keepdim=True).clamp(min=1)
+    mean = (groups * weights).sum(dim=1, keepdim=True) / count
+    std = (((groups - mean) ** 2 * weights).sum(dim=1, keepdim=True) / count).sqrt()
+    advantages = ((groups - mean) / (std + EPS)) * weights
+    return advantages.view(-1).float()
+
+
+def clip_advantages(advantages: torch.Tensor, max_abs: float) -> torch.Tensor:
+    return advantages.clamp(-max_abs, max_abs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# losses
+
+
+@dataclass
+class PolicyLoss:
+    """The loss of one micro-batch step and its diagnostics (all scalars)."""
+
+    loss: torch.Tensor
+    ratio_mean: torch.Tensor
+    clip_fraction: torch.Tensor
+    approx_kl: torch.Tensor
+
+
+def clipped_surrogate_loss(
+    log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, clip_range: float
+) -> PolicyLoss:
+    """PPO's clipped surrogate, as DDPO-IS and GRPO use it: ``mean(max(-A r, -A clip(r, 1-c, 1+c)))``.
+
+    ``log_prob``, ``old_log_prob`` and ``advantages`` are ``[N]``; ``r = exp(log_prob - old_log_prob)``.
+    """
+    ratio = torch.exp(log_prob - old_log_prob)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = torch.maximum(unclipped, clipped).mean()
+    with torch.no_grad():
+        clip_fraction = ((ratio - 1.0).abs() > clip_range).float().mean()
+        approx_kl = 0.5 * ((log_prob - old_log_prob) ** 2).mean()
+    return PolicyLoss(loss, ratio.detach().mean(), clip_fraction, approx_kl)
+
+
+def score_function_loss(log_prob: torch.Tensor, advantages: torch.Tensor) -> PolicyLoss:
+    """DDPO-SF (REINFORCE): ``mean(-A log p)``; on-policy, so the ratio is 1 by construction."""
+    loss = (-advantages * log_prob).mean()
+    zero = torch.zeros((), device=log_prob.device)
+    return PolicyLoss(loss, torch.ones((), device=log_prob.device), zero, zero)
+
+
+def gaussian_kl(mean: torch.Tensor, reference_mean: torch.Tensor, std: torch.Tensor, reduction: str) -> torch.Tensor:
+    """KL(N(mean, std^2) || N(reference_mean, std^2)) per sample, ``[B]``: ``(mean - ref)^2 / (2 std^2)``, reduced
+    over non-batch elements like the log-probability (``"mean"`` or ``"sum"``). Holds for VP and flow steps alike,
+    whose policy and reference transitions share the same std."""
+    kl = (mean - reference_mean) ** 2 / (2.0 * std**2)
+    dims = tuple(range(1, kl.ndim))
+    return kl.mean(dim=dims) if reduction == "mean" else kl.sum(dim=dims)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# timesteps
+
+
+def subsample_timesteps(
+    sde_mask: torch.Tensor, batch_size: int, fraction: float, generator: torch.Generator
+) -> torch.Tensor:
+    """For each of ``batch_size`` samples, an independent random order of the stochastic steps, cut to
+    ``ceil(fraction * num_stochastic)`` steps: ``[batch_size, K]`` step indices (DDPO's per-sample shuffle)."""
+    stochastic = sde_mask.nonzero().flatten().cpu()
+    if len(stochastic) == 0:
+        raise ValueError("no stochastic step to train: eta is 0 or the SDE window is empty.")
+    keep = max(1, int(torch.tensor(fraction * len(stochastic)).ceil().item()))
+    orders = [stochastic[torch.randperm(len(stochastic), generator=generator)[:keep]] for _ in range(batch_size)]
+    return torch.stack(orders)

@@ -1,0 +1,75 @@
+"""GRPO-style training: K images per prompt, advantages relative to the prompt's group, PPO clipping, optional
+KL to the reference (LoRA-disabled) policy, and optional ODE/SDE windows (only steps inside are stochastic and
+trained, as in MixGRPO).
+
+Groups are never split: a process samples whole groups (``sample.batch_size`` is a multiple of K), so its group
+statistics are exact without communication; logged statistics are gathered across processes.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from diffrl.trainers.base import Trainer, derived_seed
+from diffrl.trainers.common import clip_advantages, group_advantages
+
+PROMPTS, NOISE = 101, 102  # purposes mixed into derived seeds
+
+
+class GRPOTrainer(Trainer):
+    def epoch_sampler(self, epoch: int):
+        """``batch -> (prompts, seeds, step_seeds)`` for this process; the epoch's groups are fixed globally."""
+        cfg, k = self.config, self.config.train.group_size
+        num_groups = self.world * cfg.sample.num_batches_per_epoch * cfg.sample.batch_size // k
+        rng = random.Random(derived_seed(cfg.train.seed, epoch, PROMPTS))
+        group_prompts = rng.choices(self.train_prompts, k=num_groups)
+
+        def batch(b: int) -> tuple[list[str], list[int], list[int] | None]:
+            indices = [self.global_index(b, i) for i in range(cfg.sample.batch_size)]
+            prompts = [group_prompts[g // k] for g in indices]
+            own = [derived_seed(cfg.train.seed, epoch, NOISE, g) for g in indices]
+            if not cfg.train.same_noise_in_group:
+                return prompts, own, None
+            shared = [derived_seed(cfg.train.seed, epoch, NOISE, -1 - g // k) for g in indices]
+            return prompts, shared, own  # same initial noise in a group, distinct step noise
+
+        return batch
+
+    def train(self) -> None:
+        cfg = self.config
+        if self.start_epoch == 0:
+            baseline = self.maybe_evaluate(0)
+            if baseline:
+                self.log(0, baseline)
+        for epoch in range(self.start_epoch, cfg.train.epochs):
+            timer = self.epoch_timer()
+            final = epoch == cfg.train.epochs - 1
+
+            # SAMPLING: K trajectories per prompt, scored by the reward
+            samples = self.sample_epoch(epoch, self.epoch_sampler(epoch))
+            sampling_seconds = timer.lap()
+
+            # ADVANTAGES: relative to the group of the same prompt
+            advantages = group_advantages(samples.rewards, cfg.train.group_size, samples.valid)
+            advantages = clip_advantages(advantages, cfg.train.adv_clip_max)
+
+            # TRAINING: inner epochs of clipped updates
+            metrics = self.train_epoch(epoch, samples, advantages)
+            metrics["time/sampling_s"] = sampling_seconds
+            metrics["time/training_s"] = timer.lap()
+
+            # LOG, EVALUATE, CHECKPOINT
+            metrics.update(self.reward_metrics(samples))
+            metrics.update(self.maybe_evaluate(epoch + 1, final))
+            self.log(epoch + 1, metrics)
+            self.maybe_checkpoint(epoch + 1, final)
+        self.finish()
+
+    def reward_metrics(self, samples) -> dict[str, float]:
+        metrics = super().reward_metrics(samples)
+        rewards, valid = self.gather(samples.rewards), self.gather(samples.valid)
+        groups = torch.where(valid, rewards, torch.zeros_like(rewards)).view(-1, self.config.train.group_size)
+        metrics["reward/zero_std_groups"] = (groups.std(dim=1) == 0).float().mean().item()
+        return metrics

@@ -1,0 +1,126 @@
+import pytest
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+from diffrl.config import LoraConfig, ModelConfig
+from diffrl.policies.sd import SDPolicy, resolve_model_path
+from diffrl.sampling.rollout import rollout
+
+
+@pytest.fixture
+def policy(random_sd_dir):
+    torch.manual_seed(0)
+    return SDPolicy.load(ModelConfig(path=str(random_sd_dir)), LoraConfig(rank=4, alpha=8.0))
+
+
+def test_rollout_at_eta_zero_equals_the_diffusers_pipeline(random_sd_dir, policy):
+    pipeline = StableDiffusionPipeline.from_pretrained(random_sd_dir)
+    pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
+    prompts, seeds = ["a red circle", "two blue squares"], [3, 4]
+    expected = pipeline(
+        prompts,
+        num_inference_steps=10,
+        guidance_scale=4.0,
+        eta=0.0,
+        generator=[torch.Generator().manual_seed(s) for s in seeds],
+        output_type="pt",
+    ).images
+    ours = rollout(policy, prompts, seeds, eta=0.0, num_steps=10, guidance_scale=4.0)
+    torch.testing.assert_close(ours.images, expected, atol=1e-5, rtol=1e-5)
+    assert not ours.sde_mask.any()
+
+
+def test_rollout_at_eta_one_equals_the_pipeline_with_ddim_eta_one(random_sd_dir, policy):
+    """gDDIM at eta = 1 is diffusers' DDIM at eta = 1; with one generator per sample the noise is the same too."""
+    pipeline = StableDiffusionPipeline.from_pretrained(random_sd_dir)
+    pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
+    prompts, seeds = ["a red circle", "a blue square"], [5, 6]
+    expected = pipeline(
+        prompts, num_inference_steps=8, guidance_scale=3.0, eta=1.0,
+        generator=[torch.Generator().manual_seed(s) for s in seeds], output_type="pt",
+    ).images  # fmt: skip
+    ours = rollout(policy, prompts, seeds, eta=1.0, num_steps=8, guidance_scale=3.0)
+    torch.testing.assert_close(ours.images, expected, atol=1e-4, rtol=1e-4)
+    assert ours.sde_mask.all() and torch.isfinite(ours.log_probs).all()
+
+
+def test_lora_round_trips_through_plain_diffusers(random_sd_dir, policy, tmp_path):
+    for p in policy.trainable_parameters():  # a trained-looking adapter: non-zero LoRA B
+        torch.nn.init.normal_(p, std=0.05)
+    policy.save_adapter(tmp_path / "lora")
+    mine = rollout(policy, ["a red circle", "three green triangles"], [1, 2], eta=0.0, num_steps=6, guidance_scale=4.0)
+
+    pipeline = StableDiffusionPipeline.from_pretrained(random_sd_dir)
+    pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
+    base = pipeline(
+        ["a red circle", "three green triangles"], num_inference_steps=6, guidance_scale=4.0,
+        generator=[torch.Generator().manual_seed(s) for s in (1, 2)], output_type="pt",
+    ).images  # fmt: skip
+    pipeline.load_lora_weights(tmp_path / "lora")
+    loaded = pipeline(
+        ["a red circle", "three green triangles"], num_inference_steps=6, guidance_scale=4.0,
+        generator=[torch.Generator().manual_seed(s) for s in (1, 2)], output_type="pt",
+    ).images  # fmt: skip
+    assert (base - mine.images).abs().max() > 1e-3  # the adapter changes the samples
+    torch.testing.assert_close(loaded, mine.images, atol=1e-5, rtol=1e-5)
+
+    fresh = SDPolicy.load(ModelConfig(path=str(random_sd_dir)), LoraConfig(rank=4, alpha=8.0))
+    fresh.load_adapter(tmp_path / "lora")
+    for a, b in zip(fresh.trainable_parameters(), policy.trainable_parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_training_step_changes_only_lora_parameters(policy):
+    before = {name: p.detach().clone() for name, p in policy.unet.named_parameters()}
+    frozen = {
+        "vae": [p.detach().clone() for p in policy.vae.parameters()],
+        "text": [p.detach().clone() for p in policy.text_encoder.parameters()],
+    }
+    optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-2)
+    trajectory = rollout(policy, ["a red circle"] * 2, [0, 1], eta=1.0, num_steps=4, guidance_scale=2.0)
+    steps = torch.tensor([1, 2])
+    out = policy.predict(
+        trajectory.latents[torch.arange(2), steps], trajectory.timesteps[steps], trajectory.prompt_embeds, 2.0
+    )
+    step = policy.step(
+        out, 4, steps, trajectory.latents[torch.arange(2), steps], eta=1.0,
+        prev_sample=trajectory.latents[torch.arange(2), steps + 1],
+    )  # fmt: skip
+    (-step.log_prob.mean()).backward()
+    optimizer.step()
+    changed = {name for name, p in policy.unet.named_parameters() if not torch.equal(p, before[name])}
+    assert changed and all("lora" in name for name in changed)
+    assert len(changed) == len(policy.trainable_parameters())
+    assert all(torch.equal(a, b) for a, b in zip(frozen["vae"], policy.vae.parameters(), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(frozen["text"], policy.text_encoder.parameters(), strict=True))
+
+
+def test_reference_disables_the_adapter(policy):
+    for p in policy.trainable_parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    x = torch.randn(1, *policy.latent_shape)
+    embeds = policy.encode_prompts(["a red circle"])
+    with torch.no_grad():
+        adapted = policy.predict(x, torch.tensor(500), embeds, 1.0)
+        with policy.reference():
+            base = policy.predict(x, torch.tensor(500), embeds, 1.0)
+        again = policy.predict(x, torch.tensor(500), embeds, 1.0)
+    assert (adapted - base).abs().max() > 1e-4
+    assert torch.equal(adapted, again)
+
+
+def test_prompt_embeddings_are_cached(policy):
+    first = policy.encode_prompts(["a red circle", "a blue square"])
+    assert set(policy._prompt_cache) == {"a red circle", "a blue square"}
+    assert torch.equal(policy.encode_prompts(["a blue square"])[0], first[1])
+
+
+def test_missing_or_wrong_model_directories_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model directory .* does not exist"):
+        resolve_model_path(str(tmp_path / "nope"))
+    with pytest.raises(FileNotFoundError, match="no model_index.json"):
+        resolve_model_path(str(tmp_path))
+    assert (
+        resolve_model_path("stable-diffusion-v1-5/stable-diffusion-v1-5")
+        == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    )

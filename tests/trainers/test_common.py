@@ -1,0 +1,119 @@
+import math
+
+import pytest
+import torch
+
+from diffrl.trainers.common import (
+    EPS,
+    PerPromptStatTracker,
+    clip_advantages,
+    clipped_surrogate_loss,
+    gaussian_kl,
+    group_advantages,
+    score_function_loss,
+    subsample_timesteps,
+)
+
+
+def test_clipped_surrogate_known_values():
+    # advantage -1, ratio 1 -> loss 1
+    out = clipped_surrogate_loss(torch.zeros(1), torch.zeros(1), torch.tensor([-1.0]), clip_range=0.2)
+    assert out.loss.item() == pytest.approx(1.0)
+    assert out.ratio_mean.item() == 1.0 and out.clip_fraction.item() == 0.0
+    # positive advantage, ratio above 1 + c: clipped at 1 + c -> loss -A (1 + c)
+    log_ratio = math.log(1.5)
+    out = clipped_surrogate_loss(torch.tensor([log_ratio]), torch.zeros(1), torch.tensor([2.0]), clip_range=0.2)
+    assert out.loss.item() == pytest.approx(-2.0 * 1.2)
+    assert out.clip_fraction.item() == 1.0
+    # negative advantage, ratio above 1 + c: the unclipped term is larger -> loss -A r = 1.5
+    out = clipped_surrogate_loss(torch.tensor([log_ratio]), torch.zeros(1), torch.tensor([-1.0]), clip_range=0.2)
+    assert out.loss.item() == pytest.approx(1.5)
+    # negative advantage, ratio below 1 - c: clipped -> -A (1 - c) = 0.8
+    out = clipped_surrogate_loss(torch.tensor([math.log(0.5)]), torch.zeros(1), torch.tensor([-1.0]), clip_range=0.2)
+    assert out.loss.item() == pytest.approx(0.8)
+    # the mean over a batch
+    out = clipped_surrogate_loss(torch.zeros(2), torch.zeros(2), torch.tensor([1.0, -3.0]), clip_range=0.2)
+    assert out.loss.item() == pytest.approx(1.0)
+
+
+def test_clipped_surrogate_gradient_vanishes_once_clipped():
+    log_prob = torch.tensor([math.log(1.5)], requires_grad=True)
+    clipped_surrogate_loss(log_prob, torch.zeros(1), torch.tensor([1.0]), 0.2).loss.backward()
+    assert log_prob.grad.item() == 0.0
+    log_prob = torch.tensor([0.0], requires_grad=True)
+    clipped_surrogate_loss(log_prob, torch.zeros(1), torch.tensor([1.0]), 0.2).loss.backward()
+    assert log_prob.grad.item() == pytest.approx(-1.0)
+
+
+def test_score_function_loss():
+    log_prob = torch.tensor([-2.0, -1.0], requires_grad=True)
+    out = score_function_loss(log_prob, torch.tensor([1.0, -1.0]))
+    assert out.loss.item() == pytest.approx((2.0 - 1.0) / 2)
+    out.loss.backward()
+    assert log_prob.grad.tolist() == pytest.approx([-0.5, 0.5])
+
+
+def test_group_advantages():
+    rewards = torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0, 5.0])
+    adv = group_advantages(rewards, group_size=3)
+    std = torch.tensor([1.0, 2.0, 3.0]).std(unbiased=False).item()
+    assert adv[:3].tolist() == pytest.approx([-1 / (std + EPS), 0.0, 1 / (std + EPS)], rel=1e-6)
+    assert adv[3:].tolist() == [0.0, 0.0, 0.0]  # a group with one reward carries no signal
+    with pytest.raises(ValueError, match="do not split into groups of 4"):
+        group_advantages(rewards, group_size=4)
+
+
+def test_group_advantages_leave_out_dropped_samples():
+    rewards = torch.tensor([1.0, float("nan"), 3.0, 0.0])
+    valid = torch.tensor([True, False, True, True])
+    adv = group_advantages(rewards, group_size=2, valid=valid)
+    assert adv[1].item() == 0.0 and adv[0].item() == 0.0  # the remaining member is alone in its group
+    assert adv[2].item() > 0 > adv[3].item()
+    assert torch.isfinite(adv).all()
+
+
+def test_per_prompt_stat_tracker_uses_a_buffer_across_epochs():
+    tracker = PerPromptStatTracker(buffer_size=4, min_count=2)
+    adv = tracker.update(["a", "a", "b"], torch.tensor([1.0, 3.0, 10.0]))
+    # "a" has 2 rewards (>= min_count): its own mean 2 and std 1; "b" has 1: the batch's statistics
+    assert adv[:2].tolist() == pytest.approx([-1 / (1 + EPS), 1 / (1 + EPS)], rel=1e-6)
+    batch = torch.tensor([1.0, 3.0, 10.0])
+    assert adv[2].item() == pytest.approx(((10.0 - batch.mean()) / (batch.std(unbiased=False) + EPS)).item())
+    # next epoch: "a" normalises against its buffer [1, 3, 5, 7] (mean 4)
+    adv = tracker.update(["a", "a"], torch.tensor([5.0, 7.0]))
+    history = torch.tensor([1.0, 3.0, 5.0, 7.0])
+    expected = (torch.tensor([5.0, 7.0]) - history.mean()) / (history.std(unbiased=False) + EPS)
+    torch.testing.assert_close(adv, expected)
+    # the buffer keeps the last 4
+    tracker.update(["a"], torch.tensor([9.0]))
+    assert list(tracker.buffers["a"]) == [3.0, 5.0, 7.0, 9.0]
+    restored = PerPromptStatTracker()
+    restored.load_state_dict(tracker.state_dict())
+    assert {k: list(v) for k, v in restored.buffers.items()} == {k: list(v) for k, v in tracker.buffers.items()}
+
+
+def test_clip_advantages():
+    assert clip_advantages(torch.tensor([-9.0, 0.5, 9.0]), 5.0).tolist() == [-5.0, 0.5, 5.0]
+
+
+def test_gaussian_kl_matches_torch_distributions():
+    mean, ref = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
+    std = torch.full((3, 1, 1, 1), 0.3)
+    expected = torch.distributions.kl_divergence(
+        torch.distributions.Normal(mean, std), torch.distributions.Normal(ref, std)
+    )
+    torch.testing.assert_close(gaussian_kl(mean, ref, std, "mean"), expected.mean(dim=(1, 2, 3)))
+    torch.testing.assert_close(gaussian_kl(mean, ref, std, "sum"), expected.sum(dim=(1, 2, 3)))
+    assert gaussian_kl(mean, mean, std, "mean").abs().max().item() == 0.0
+
+
+def test_subsample_timesteps_only_picks_stochastic_steps():
+    mask = torch.tensor([False, True, True, True, True, False])
+    steps = subsample_timesteps(mask, batch_size=5, fraction=0.5, generator=torch.Generator().manual_seed(0))
+    assert steps.shape == (5, 2)
+    assert set(steps.flatten().tolist()) <= {1, 2, 3, 4}
+    assert all(len(set(row)) == 2 for row in steps.tolist())
+    full = subsample_timesteps(mask, batch_size=3, fraction=1.0, generator=torch.Generator().manual_seed(0))
+    assert all(sorted(row) == [1, 2, 3, 4] for row in full.tolist())
+    with pytest.raises(ValueError, match="no stochastic step"):
+        subsample_timesteps(torch.zeros(4, dtype=torch.bool), 2, 1.0, torch.Generator())
