@@ -22,6 +22,9 @@ REGISTRY: dict[str, str] = {
     "shapes_strict": "diffrl.rewards.shapes:make_shapes_strict",
     "jpeg_compressibility": "diffrl.rewards.jpeg:jpeg_compressibility",
     "jpeg_incompressibility": "diffrl.rewards.jpeg:jpeg_incompressibility",
+    "aesthetic": "diffrl.rewards.clip:aesthetic",
+    "pickscore": "diffrl.rewards.clip:pickscore",
+    "clipscore": "diffrl.rewards.clip:clipscore",
 }
 
 
