@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -97,10 +98,20 @@ class Trainer:
         config.validate()
         self.config = config
         self.accelerator = Accelerator(
+            # without cpu=True a machine with no GPU ignores the launcher's WORLD_SIZE and every process trains alone
+            cpu=not torch.cuda.is_available(),
             mixed_precision=config.train.mixed_precision,
             log_with=None if config.logging.tracker == "none" else config.logging.tracker,
             project_dir=config.logging.output_dir,
         )
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched != self.accelerator.num_processes:
+            raise RuntimeError(
+                f"the launcher started {launched} processes but accelerate formed a group of "
+                f"{self.accelerator.num_processes}; check the accelerate config (on CPU: accelerate launch "
+                "--multi_gpu "
+                "--num_processes N) so that the processes do not train independently into one output directory."
+            )
         self.output_dir = Path(config.logging.output_dir)
         self.is_main = self.accelerator.is_main_process
         self.rank = self.accelerator.process_index

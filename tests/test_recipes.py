@@ -1,0 +1,33 @@
+from pathlib import Path
+
+import pytest
+
+from diffrl.cli import load_recipe, main
+from diffrl.config import Config
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.py"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_every_recipe_builds_a_valid_config(recipe):
+    config = load_recipe(str(recipe))()
+    assert isinstance(config, Config)
+    config.validate()
+
+
+def test_recipes_cover_both_algorithms_on_both_models():
+    configs = {p.stem: load_recipe(str(p))() for p in RECIPES}
+    assert configs["ddpo_sd15"].train.algorithm == "ddpo_is" and configs["ddpo_sd15"].sample.num_steps == 50
+    assert configs["grpo_sd15"].train.algorithm == "grpo"
+    assert configs["ddpo_tiny"].model.path == "tiny" and configs["grpo_tiny"].model.path == "tiny"
+    assert configs["grpo_tiny"].reward.spec == "shapes"
+
+
+def test_cli_prints_the_resolved_config_and_rejects_bad_overrides(capsys):
+    recipe = str(RECIPES[0])
+    assert main(["train", recipe, "--print-config", "--sample.eta", "1.3"]) == 0
+    assert '"eta": 1.3' in capsys.readouterr().out
+    assert main(["train", recipe, "--sample.eta", "-2"]) == 2
+    assert "sample.eta must be a finite number >= 0" in capsys.readouterr().err
+    assert main(["train", "recipes/missing.py"]) == 2
+    assert "does not exist" in capsys.readouterr().err
