@@ -22,7 +22,7 @@ def config() -> Config:
     return Config(
         model=ModelConfig(family="sd", path="tiny"),
         lora=LoraConfig(rank=8, alpha=8.0),
-        sample=SampleConfig(num_steps=20, guidance_scale=4.0, eta=1.0, batch_size=32, num_batches_per_epoch=1),
+        sample=SampleConfig(num_steps=20, guidance_scale=2.0, eta=1.0, batch_size=32, num_batches_per_epoch=1),
         reward=RewardConfig(spec="shapes"),
         prompts=PromptConfig(train="tiny:train", eval="tiny:heldout"),
         train=TrainConfig(

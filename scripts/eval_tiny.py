@@ -1,6 +1,6 @@
 """Measure the tiny Stable Diffusion: held-out and training `shapes` reward per prompt kind, a sample grid, speed.
 
-    python scripts/eval_tiny.py [--model DIR] [--steps 20,50] [--guidance 4.0] [--grid runs/tiny_grid.png]
+    python scripts/eval_tiny.py [--model DIR] [--steps 20,50] [--guidance 2.0] [--grid runs/tiny_grid.png]
 
 Sampling is deterministic (DDIM, eta = 0) with classifier-free guidance, through plain
 ``diffusers.StableDiffusionPipeline``: the same path any SD1.5 checkpoint takes.
@@ -21,7 +21,7 @@ from PIL import Image
 
 from diffrl.rewards.shapes import shapes
 from diffrl.tiny import tiny_sd_path
-from diffrl.tiny.world import load_prompts, parse
+from diffrl.tiny.world import all_captions, load_prompts, parse
 
 
 def sample(pipeline, prompts: list[str], seeds: list[int], steps: int, guidance: float) -> torch.Tensor:
@@ -53,7 +53,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=None, help="model directory (default: the shipped one)")
     parser.add_argument("--steps", default="20,50")
-    parser.add_argument("--guidance", type=float, default=4.0)
+    parser.add_argument("--guidance", type=float, default=2.0)
     parser.add_argument("--seeds-per-prompt", type=int, default=2)
     parser.add_argument("--grid", type=Path, default=Path("runs/tiny_grid.png"))
     args = parser.parse_args()
@@ -63,10 +63,15 @@ def main() -> None:
 
     heldout = load_prompts("heldout")
     train = random.Random(0).sample(load_prompts("train"), len(heldout))
+    singles = [c.text for c in all_captions() if c.kind == "single"]  # all 15, which the train sample barely holds
     for steps in [int(s) for s in args.steps.split(",")]:
         print(f"DDIM eta=0, {steps} steps, CFG {args.guidance}:")
-        for name, prompts in [("held-out", heldout), ("train", train)]:
-            repeated = [p for p in prompts for _ in range(args.seeds_per_prompt)]
+        for name, prompts, repeats in [
+            ("held-out", heldout, args.seeds_per_prompt),
+            ("train", train, args.seeds_per_prompt),
+            ("singles", singles, 8 * args.seeds_per_prompt),
+        ]:
+            repeated = [p for p in prompts for _ in range(repeats)]
             seeds = list(range(len(repeated)))
             report(name, repeated, shapes(sample(pipeline, repeated, seeds, steps, args.guidance), repeated))
 

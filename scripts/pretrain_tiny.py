@@ -227,7 +227,7 @@ def main() -> None:
     parser.add_argument("--vae-batch", type=int, default=32)
     parser.add_argument("--vae-lr", type=float, default=1e-3)
     parser.add_argument("--vae-kl", type=float, default=1e-5, help="weight of the VAE's KL term")
-    parser.add_argument("--unet-steps", type=int, default=3000)
+    parser.add_argument("--unet-steps", type=int, default=1250)
     parser.add_argument("--batch", type=int, default=128, help="UNet batch size (scenes per step)")
     parser.add_argument("--lr", type=float, default=5e-4, help="peak learning rate of the UNet and text encoder")
     parser.add_argument("--ema-decay", type=float, default=0.999)
