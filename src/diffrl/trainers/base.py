@@ -352,6 +352,13 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         return metrics
 
+    def evaluate_base_policy(self) -> None:
+        """Evaluate and log the policy before any update (a fresh run only; a resumed run already logged it)."""
+        if self.start_epoch == 0:
+            baseline = self.maybe_evaluate(0)
+            if baseline:
+                self.log(0, baseline)
+
     def log(self, completed: int, metrics: dict[str, float]) -> None:
         """One line of ``metrics.jsonl`` (and the console and tracker) for the state after ``completed`` epochs."""
         metrics = {"epoch": completed, "global_step": self.global_step, **metrics}

@@ -53,10 +53,7 @@ class DDPOTrainer(Trainer):
 
     def train(self) -> None:
         cfg = self.config
-        if self.start_epoch == 0:
-            baseline = self.maybe_evaluate(0)
-            if baseline:
-                self.log(0, baseline)
+        self.evaluate_base_policy()
         for epoch in range(self.start_epoch, cfg.train.epochs):
             timer = self.epoch_timer()
             final = epoch == cfg.train.epochs - 1
