@@ -120,10 +120,11 @@ def run_eval(argv: list[str]) -> int:
             guidance_scale=config.sample.guidance_scale, seed=config.eval.seed,
             batch_size=config.sample.batch_size, noise_schedule=config.sample.noise_schedule,
         )  # fmt: skip
-        results[num_steps] = result.to_metrics()
+        metrics = result.to_metrics()
+        results[num_steps] = metrics
         for name in result.scores:
             cells = "  ".join(f"eta={e:g}: {result.mean(name, e):.4f} ± {result.stderr(name, e):.4f}" for e in etas)
-            gap = result.to_metrics().get(f"eval/{name}/gap")
+            gap = metrics.get(f"eval/{name}/gap")
             gap_text = "" if gap is None else f"  gap(ODE - SDE): {gap:+.4f}"
             print(f"steps={num_steps:<4d} {name}: {cells}{gap_text}")
     if args.out:

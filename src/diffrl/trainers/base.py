@@ -68,6 +68,15 @@ class Samples:
         return len(self.trajectory.prompts)
 
 
+@dataclass
+class GatheredRewards:
+    """An epoch's rewards from every process, in the order ``accelerator.gather`` returns them (process-major)."""
+
+    rewards: torch.Tensor  # [N_global] weighted total (NaN where dropped)
+    valid: torch.Tensor  # [N_global] bool
+    parts: dict[str, torch.Tensor]  # [N_global] per reward
+
+
 def concat_trajectories(parts: list[Trajectory]) -> Trajectory:
     first = parts[0]
     embeds = [t.prompt_embeds for t in parts]
@@ -109,8 +118,8 @@ class Trainer:
             raise RuntimeError(
                 f"the launcher started {launched} processes but accelerate formed a group of "
                 f"{self.accelerator.num_processes}; check the accelerate config (on CPU: accelerate launch "
-                "--multi_gpu "
-                "--num_processes N) so that the processes do not train independently into one output directory."
+                "--multi_gpu --num_processes N) so that the processes do not train independently into one output "
+                "directory."
             )
         self.output_dir = Path(config.logging.output_dir)
         self.is_main = self.accelerator.is_main_process
@@ -199,17 +208,22 @@ class Trainer:
     def gather(self, values: torch.Tensor) -> torch.Tensor:
         return self.accelerator.gather(values.to(self.accelerator.device)).cpu()
 
-    def reward_metrics(self, samples: Samples) -> dict[str, float]:
-        """Reward statistics of the epoch's global batch (gathered from every process)."""
-        valid = self.gather(samples.valid)
-        kept = self.gather(samples.rewards)[valid]
+    def gather_rewards(self, samples: Samples) -> GatheredRewards:
+        """This epoch's rewards from every process (one gather per tensor, done once per epoch)."""
+        parts = {name: self.gather(values) for name, values in samples.parts.items()}
+        return GatheredRewards(self.gather(samples.rewards), self.gather(samples.valid), parts)
+
+    def reward_metrics(self, gathered: GatheredRewards) -> dict[str, float]:
+        """Reward statistics of the epoch's global batch."""
+        valid = gathered.valid
+        kept = gathered.rewards[valid]
         metrics = {
             "reward/mean": kept.mean().item(),
             "reward/std": kept.std(unbiased=False).item(),
             "reward/dropped": int((~valid).sum()),
         }
-        for name, values in samples.parts.items():
-            metrics[f"reward/{name}/mean"] = self.gather(values)[valid].mean().item()
+        for name, values in gathered.parts.items():
+            metrics[f"reward/{name}/mean"] = values[valid].mean().item()
         return metrics
 
     # ------------------------------------------------------------------------------------------------------------

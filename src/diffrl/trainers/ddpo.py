@@ -63,7 +63,8 @@ class DDPOTrainer(Trainer):
             sampling_seconds = timer.lap()
 
             # ADVANTAGES: per-prompt normalisation over the gathered batch and the buffer of earlier epochs
-            rewards, valid = self.gather(samples.rewards), self.gather(samples.valid)
+            gathered = self.gather_rewards(samples)
+            rewards, valid = gathered.rewards, gathered.valid
             prompts = [p for p, ok in zip(self.gathered_prompts(epoch), valid.tolist(), strict=True) if ok]
             advantages = torch.zeros_like(rewards)
             advantages[valid] = self.stat_tracker.update(prompts, rewards[valid])
@@ -78,7 +79,7 @@ class DDPOTrainer(Trainer):
             metrics["time/training_s"] = timer.lap()
 
             # LOG, EVALUATE, CHECKPOINT
-            metrics.update(self.reward_metrics(samples))
+            metrics.update(self.reward_metrics(gathered))
             metrics.update(self.maybe_evaluate(epoch + 1, final))
             self.log(epoch + 1, metrics)
             self.extra_state["stat_tracker"] = self.stat_tracker.state_dict()

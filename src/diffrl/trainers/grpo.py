@@ -58,15 +58,15 @@ class GRPOTrainer(Trainer):
             metrics["time/training_s"] = timer.lap()
 
             # LOG, EVALUATE, CHECKPOINT
-            metrics.update(self.reward_metrics(samples))
+            metrics.update(self.reward_metrics(self.gather_rewards(samples)))
             metrics.update(self.maybe_evaluate(epoch + 1, final))
             self.log(epoch + 1, metrics)
             self.maybe_checkpoint(epoch + 1, final)
         self.finish()
 
-    def reward_metrics(self, samples) -> dict[str, float]:
-        metrics = super().reward_metrics(samples)
-        rewards, valid = self.gather(samples.rewards), self.gather(samples.valid)
+    def reward_metrics(self, gathered) -> dict[str, float]:
+        metrics = super().reward_metrics(gathered)
+        rewards, valid = gathered.rewards, gathered.valid
         groups = torch.where(valid, rewards, torch.zeros_like(rewards)).view(-1, self.config.train.group_size)
         metrics["reward/zero_std_groups"] = (groups.std(dim=1) == 0).float().mean().item()
         return metrics
