@@ -14,6 +14,9 @@ def test_overrides_are_typed_and_validated():
     assert config.sample.sde_window == (2, 6) and config.lora.rank == 16
     assert apply_overrides(config, ["--sample.sde_window", "none"]).sample.sde_window is None
     assert apply_overrides(config, ["--model.gradient_checkpointing", "true"]).model.gradient_checkpointing is True
+    assert apply_overrides(config, ["--reward", "shapes=1,jpeg_compressibility=0.1"]).reward.spec == (
+        "shapes=1,jpeg_compressibility=0.1"
+    )
 
 
 @pytest.mark.parametrize(

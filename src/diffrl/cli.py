@@ -2,6 +2,7 @@
 
     diffrl train RECIPE [--resume DIR|latest] [--section.key value ...]
     diffrl eval (--checkpoint DIR | --recipe RECIPE) [--eta 0,1.0,1.2] [--steps 10,20,50] [--section.key value ...]
+    diffrl serve-reward REWARD [--kwargs JSON] [--host 127.0.0.1] [--port 8000]
     diffrl config
 
 A recipe is a Python file with a ``config() -> Config`` function (see ``recipes/``); every config field can be
@@ -140,7 +141,12 @@ def main(argv: list[str] | None = None) -> int:
     train_cmd.add_argument("recipe")
     commands.add_parser("config", help="list every config key with its default and help")
     commands.add_parser("eval", help="evaluate a checkpoint or a base model: ODE vs SDE", add_help=False)
+    commands.add_parser("serve-reward", help="serve one reward over HTTP for training elsewhere", add_help=False)
     args, rest = parser.parse_known_args(argv)
+    if args.command == "serve-reward":
+        from diffrl.rewards.server import main as serve_main
+
+        return serve_main(rest)
     if args.command == "config":
         print(describe())
         return 0

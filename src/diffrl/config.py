@@ -133,6 +133,10 @@ class RewardConfig:
     on_invalid: Literal["raise", "drop"] = _help(
         "a non-finite reward: 'raise' an error, or 'drop' the sample and count it", default="raise"
     )
+    overlap: bool = _help(
+        "score each sampling batch in a worker thread while the next batch is sampled (same scores either way)",
+        default=True,
+    )
 
     def __post_init__(self) -> None:
         _require(bool(self.spec), "reward.spec is empty; name a reward (e.g. 'shapes').")
@@ -420,8 +424,13 @@ def _coerce(value: Any, annotation: Any, name: str) -> Any:
     raise ConfigError(f"{name}: unsupported config type {annotation!r}.")
 
 
+ALIASES = {"reward": "reward.spec"}
+"""Short forms accepted on the command line: ``--reward pickscore=1.0,jpeg_compressibility=0.1``."""
+
+
 def apply_overrides(config: Config, args: list[str]) -> Config:
-    """A new config with ``--section.key value`` / ``--section.key=value`` overrides applied and validated."""
+    """A new config with ``--section.key value`` / ``--section.key=value`` overrides applied and validated
+    (``--reward X`` is short for ``--reward.spec X``)."""
     data = config.to_dict()
     i = 0
     while i < len(args):
@@ -435,6 +444,7 @@ def apply_overrides(config: Config, args: list[str]) -> Config:
             value = args[i + 1]
             i += 1
         i += 1
+        key = ALIASES.get(key, key)
         section, dot, name = key.partition(".")
         if not dot:
             raise ConfigError(f"override --{key} must name a section and a key, like --sample.eta.")

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from tiny_run import small_config
 
 from diffrl.config import apply_overrides
 from diffrl.trainers import GRPOTrainer, make_trainer, train
+from diffrl.trainers.common import group_advantages
 
 HELPER = Path(__file__).resolve().parents[1] / "helpers" / "tiny_run.py"
 
@@ -64,6 +66,46 @@ def test_reward_callable_from_python(random_sd_dir, tmp_path):
     GRPOTrainer(config, reward=brightness).train()
     assert seen == [8]
     assert "reward/brightness/mean" in read_metrics(tmp_path)[-1]
+
+
+def test_overlapped_scoring_matches_inline_scoring(random_sd_dir, tmp_path):
+    threads = []
+
+    def brightness(images, prompts, metadata):
+        threads.append(threading.current_thread().name)
+        return images.mean(dim=(1, 2, 3))
+
+    runs = {}
+    for overlap in ("true", "false"):
+        config = apply_overrides(
+            small_config(str(random_sd_dir), str(tmp_path / overlap)),
+            ["--train.epochs", "1", "--sample.num_batches_per_epoch", "2", "--reward.overlap", overlap],
+        )
+        GRPOTrainer(config, reward=brightness).train()
+        runs[overlap] = read_metrics(tmp_path / overlap)[-1]
+    assert threads[:2] == ["reward_0", "reward_0"] and threads[2:] == ["MainThread", "MainThread"]
+    assert runs["true"]["reward/mean"] == runs["false"]["reward/mean"]
+    assert runs["true"]["train/loss"] == runs["false"]["train/loss"]
+
+
+def test_an_update_raises_the_log_probability_of_better_samples(random_sd_dir, tmp_path):
+    """Sign and alignment of advantages with trajectories: after one epoch of updates on a batch, the
+    advantage-weighted change of its log-probabilities is positive."""
+    config = apply_overrides(
+        small_config(str(random_sd_dir), str(tmp_path)), ["--train.epochs", "1", "--train.clip_range", "10"]
+    )
+    trainer = GRPOTrainer(config, reward=lambda images, prompts, metadata: images.mean(dim=(1, 2, 3)))
+    samples = trainer.sample_epoch(0, trainer.epoch_sampler(0))
+    advantages = group_advantages(samples.rewards, config.train.group_size, samples.valid)
+    trainer.train_epoch(0, samples, advantages)
+    rows = torch.arange(len(advantages))
+    with torch.no_grad():
+        new = torch.stack(
+            [trainer.step_loss(samples, rows, torch.full_like(rows, k), advantages)[2] for k in range(4)], dim=1
+        )
+    change = (new - samples.trajectory.log_probs).sum(dim=1)
+    assert (advantages * change).sum() > 0
+    trainer.finish()
 
 
 def _run(args: list[str], env_extra: dict | None = None, launcher: list[str] | None = None) -> None:

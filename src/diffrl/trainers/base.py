@@ -13,6 +13,7 @@ import json
 import os
 import random
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -173,36 +174,39 @@ class Trainer:
 
     def sample_epoch(self, epoch: int, prompts_and_seeds) -> Samples:
         """Roll out and score this process's share of the epoch. ``prompts_and_seeds(batch) -> (prompts, seeds,
-        step_seeds)`` gives a sampling batch's prompts and seeds."""
+        step_seeds)`` gives a sampling batch's prompts and seeds. With ``reward.overlap`` a batch is scored in a
+        worker thread while the next one is sampled (scores are the same either way)."""
         cfg = self.config.sample
         self.policy.denoiser.eval()
-        trajectories, totals, parts, valids = [], [], {}, []
-        for batch in range(cfg.num_batches_per_epoch):
-            prompts, seeds, step_seeds = prompts_and_seeds(batch)
-            trajectory = rollout(
-                self.policy,
-                prompts,
-                seeds,
-                eta=cfg.eta,
-                num_steps=cfg.num_steps,
-                guidance_scale=cfg.guidance_scale,
-                noise_schedule=cfg.noise_schedule,
-                sde_window=cfg.sde_window,
-                log_prob_reduction=cfg.log_prob_reduction,
-                step_seeds=step_seeds,
-                progress=self.config.logging.progress_bars and self.is_main,
-            )
-            out = self.reward.score(trajectory.images, prompts, [{"epoch": epoch} for _ in prompts], batch)
-            trajectories.append(trajectory)
-            totals.append(out.total)
-            valids.append(out.valid)
-            for name, values in out.parts.items():
-                parts.setdefault(name, []).append(values)
+        trajectories, scored = [], []
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward") as pool:
+            for batch in range(cfg.num_batches_per_epoch):
+                prompts, seeds, step_seeds = prompts_and_seeds(batch)
+                trajectory = rollout(
+                    self.policy,
+                    prompts,
+                    seeds,
+                    eta=cfg.eta,
+                    num_steps=cfg.num_steps,
+                    guidance_scale=cfg.guidance_scale,
+                    noise_schedule=cfg.noise_schedule,
+                    sde_window=cfg.sde_window,
+                    log_prob_reduction=cfg.log_prob_reduction,
+                    step_seeds=step_seeds,
+                    progress=self.config.logging.progress_bars and self.is_main,
+                )
+                trajectories.append(trajectory)
+                metadata = [{"epoch": epoch} for _ in prompts]
+                if self.config.reward.overlap:
+                    scored.append(pool.submit(self.reward.score, trajectory.images, prompts, metadata, batch))
+                else:
+                    scored.append(self.reward.score(trajectory.images, prompts, metadata, batch))
+            outputs = [out.result() if isinstance(out, Future) else out for out in scored]
         return Samples(
             trajectory=concat_trajectories(trajectories),
-            rewards=torch.cat(totals),
-            parts={name: torch.cat(values) for name, values in parts.items()},
-            valid=torch.cat(valids),
+            rewards=torch.cat([out.total for out in outputs]),
+            parts={name: torch.cat([out.parts[name] for out in outputs]) for name in outputs[0].parts},
+            valid=torch.cat([out.valid for out in outputs]),
         )
 
     def gather(self, values: torch.Tensor) -> torch.Tensor:
