@@ -50,15 +50,20 @@ def _image_config(directory: str) -> tuple[int, tuple[float, ...], tuple[float, 
 class ClipScorer:
     """A frozen ``CLIPModel`` with its tokenizer: normalised image and text embeddings."""
 
-    def __init__(self, model_dir: str, processor_dir: str | None = None, device: str = "cpu", dtype=torch.float32):
+    def __init__(self, model, tokenizer, processor_dir: str, device: str = "cpu"):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.size, self.mean, self.std = _image_config(processor_dir)
+
+    @classmethod
+    def load(cls, model_dir: str, processor_dir: str | None = None, device: str = "cpu", dtype=torch.float32):
+        """From a local directory or hub id (``processor_dir``: where the tokenizer and image config live)."""
         from transformers import AutoTokenizer, CLIPModel
 
         processor_dir = processor_dir or model_dir
-        self.device = torch.device(device)
-        self.model = CLIPModel.from_pretrained(model_dir, torch_dtype=dtype).to(self.device).eval()
-        self.model.requires_grad_(False)
-        self.tokenizer = AutoTokenizer.from_pretrained(processor_dir)
-        self.size, self.mean, self.std = _image_config(processor_dir)
+        model = CLIPModel.from_pretrained(model_dir, torch_dtype=dtype)
+        return cls(model, AutoTokenizer.from_pretrained(processor_dir), processor_dir, device)
 
     def image_embeds(self, images: torch.Tensor) -> torch.Tensor:
         pixels = clip_preprocess(images.to(self.device), self.size, self.mean, self.std).to(self.model.dtype)
@@ -104,6 +109,23 @@ class AestheticHead(torch.nn.Module):
         return self.layers(embeds)
 
 
+def local_or_hub_file(path: str, repo_id: str, kwarg: str) -> Path:
+    """``path`` if it is a local file, else the file of that name in hub repo ``repo_id``; a clear error otherwise
+    (``kwarg``: the config key to set, e.g. ``reward.kwargs.hpsv2.checkpoint``)."""
+    local = Path(path).expanduser()
+    if local.is_file():
+        return local
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo_id, path))
+    except Exception as error:
+        raise FileNotFoundError(
+            f"{path!r} is not a local file and could not be fetched from {repo_id!r} ({type(error).__name__}). "
+            f"Download it and pass its path as {kwarg}."
+        ) from None
+
+
 def load_aesthetic_head(path: str) -> AestheticHead:
     """The head's weights from ``.safetensors`` or the published ``.pth`` state dict (loaded with weights_only)."""
     file = Path(path).expanduser()
@@ -130,7 +152,7 @@ def aesthetic(
     batch_size: int = 32,
 ) -> Reward:
     """LAION aesthetic score (about 1-10) of each image: the MLP head on the CLIP image embedding."""
-    scorer = ClipScorer(model_dir, device=device)
+    scorer = ClipScorer.load(model_dir, device=device)
     head = load_aesthetic_head(head_path).to(scorer.device)
 
     def score(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
@@ -149,7 +171,7 @@ def pickscore(
     batch_size: int = 32,
 ) -> Reward:
     """PickScore: ``logit_scale.exp() * cos(text, image)`` of a CLIP-H model fine-tuned on Pick-a-Pic (about 15-25)."""
-    scorer = ClipScorer(model_dir, processor_dir, device=device)
+    scorer = ClipScorer.load(model_dir, processor_dir, device=device)
 
     def score(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         cos = (scorer.image_embeds(images) * scorer.text_embeds(prompts)).sum(dim=-1)
@@ -165,7 +187,7 @@ def clipscore(
     model_dir: str = "openai/clip-vit-large-patch14", weight: float = 2.5, device: str = "cpu", batch_size: int = 32
 ) -> Reward:
     """CLIPScore (Hessel et al. 2021): ``weight * max(cos(text, image), 0)``."""
-    scorer = ClipScorer(model_dir, device=device)
+    scorer = ClipScorer.load(model_dir, device=device)
 
     def score(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         return weight * (scorer.image_embeds(images) * scorer.text_embeds(prompts)).sum(dim=-1).clamp(min=0)

@@ -25,6 +25,9 @@ REGISTRY: dict[str, str] = {
     "aesthetic": "diffrl.rewards.clip:aesthetic",
     "pickscore": "diffrl.rewards.clip:pickscore",
     "clipscore": "diffrl.rewards.clip:clipscore",
+    "hpsv2": "diffrl.rewards.hps:hpsv2",
+    "imagereward": "diffrl.rewards.imagereward:imagereward",
+    "remote": "diffrl.rewards.server:RemoteReward",
 }
 
 
@@ -57,11 +60,16 @@ def _import_attribute(target: str) -> object:
 
 def build_reward(spec: str | Reward, **kwargs: object) -> Reward:
     """One reward from a registry name (built with ``kwargs``), a ``module:function`` / ``file.py:function``
-    target, or a callable (returned as is)."""
+    target, a reward server's ``http://host:port`` (``kwargs`` go to :class:`~diffrl.rewards.server.RemoteReward`),
+    or a callable (returned as is)."""
     if callable(spec):
         if kwargs:
             raise ValueError("keyword arguments are for registry rewards; a callable is used as it is.")
         return spec
+    if spec.startswith(("http://", "https://")):
+        from diffrl.rewards.server import RemoteReward
+
+        return RemoteReward(spec, **kwargs)
     if spec in REGISTRY:
         factory = _import_attribute(REGISTRY[spec])
         return factory(**kwargs)
@@ -74,7 +82,7 @@ def build_reward(spec: str | Reward, **kwargs: object) -> Reward:
         return reward
     raise ValueError(
         f"unknown reward {spec!r}. Use a registry name ({', '.join(sorted(REGISTRY))}), "
-        "'package.module:function', or 'path/to/file.py:function'."
+        "'package.module:function', 'path/to/file.py:function', or a reward server's http://host:port."
     )
 
 
