@@ -15,6 +15,8 @@ def test_gap_arithmetic_is_a_paired_difference():
     assert gap == pytest.approx(diffs.mean().item())
     assert stderr == pytest.approx(diffs.std().item() / 3**0.5)
     metrics = result.to_metrics()
+    ode_only = EvalResult(etas=[0.0], num_steps=10, train_eta=1.0, scores={"r": {0.0: torch.tensor([0.5])}})
+    assert "eval/r/gap" not in ode_only.to_metrics()  # no SDE evaluated: no gap, no error
     assert metrics["eval/r/eta=0/mean"] == pytest.approx(0.7)
     assert metrics["eval/r/eta=1/mean"] == pytest.approx(17 / 30)
     assert metrics["eval/r/gap"] == pytest.approx(gap)

@@ -2,6 +2,8 @@
 
     diffrl train RECIPE [--resume DIR|latest] [--section.key value ...]
     diffrl eval (--checkpoint DIR | --recipe RECIPE) [--eta 0,1.0,1.2] [--steps 10,20,50] [--section.key value ...]
+    diffrl sweep RECIPE --eta 0.5,1.0,1.2,2.0 --seeds 3 [--eval-steps 10,20] [--out DIR] [--section.key value ...]
+    diffrl report RUN_OR_SWEEP_DIR
     diffrl serve-reward REWARD [--kwargs JSON] [--host 127.0.0.1] [--port 8000]
     diffrl config
 
@@ -133,6 +135,31 @@ def run_eval(argv: list[str]) -> int:
     return 0
 
 
+def run_sweep_command(argv: list[str]) -> int:
+    """Train one run per (training eta, seed) from a recipe, evaluate each ODE vs SDE, and tabulate over seeds."""
+    from diffrl.sweep import markdown_table, run_sweep
+
+    parser = argparse.ArgumentParser(prog="diffrl sweep", description=run_sweep_command.__doc__)
+    parser.add_argument("recipe")
+    parser.add_argument("--eta", required=True, help="comma-separated training etas, e.g. 0.5,1.0,1.2,2.0")
+    parser.add_argument("--seeds", default="3", help="a count N (seeds 0..N-1) or a comma-separated list")
+    parser.add_argument("--eval-steps", default=None, help="comma-separated step counts (default: eval.num_steps)")
+    parser.add_argument("--out", default=None, help="sweep folder (default: runs/sweep-<recipe name>)")
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        etas = [float(e) for e in args.eta.split(",")]
+        seeds = [int(s) for s in args.seeds.split(",")] if "," in args.seeds else list(range(int(args.seeds)))
+        steps = [int(n) for n in args.eval_steps.split(",")] if args.eval_steps else None
+        out = Path(args.out or f"runs/sweep-{Path(args.recipe).stem}")
+        rows = run_sweep(args.recipe, etas, seeds, out, overrides, steps)
+    except (FileNotFoundError, ConfigError, ValueError) as error:
+        print(f"diffrl sweep: {error}", file=sys.stderr)
+        return 2
+    print(markdown_table(rows))
+    print(f"written: {out / 'sweep.csv'}, {out / 'sweep.md'}; plots: diffrl report {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="diffrl", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -142,7 +169,15 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("config", help="list every config key with its default and help")
     commands.add_parser("eval", help="evaluate a checkpoint or a base model: ODE vs SDE", add_help=False)
     commands.add_parser("serve-reward", help="serve one reward over HTTP for training elsewhere", add_help=False)
+    commands.add_parser("sweep", help="train and evaluate one run per (eta, seed); a table over seeds", add_help=False)
+    commands.add_parser("report", help="a markdown page with plots and image grids of a run or sweep", add_help=False)
     args, rest = parser.parse_known_args(argv)
+    if args.command == "sweep":
+        return run_sweep_command(rest)
+    if args.command == "report":
+        from diffrl.report import main as report_main
+
+        return report_main(rest)
     if args.command == "serve-reward":
         from diffrl.rewards.server import main as serve_main
 

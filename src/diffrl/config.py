@@ -217,8 +217,10 @@ class EvalConfig:
     num_steps: int = _help("denoising steps in evaluation", default=20)
     etas: tuple[float, ...] | None = _help("etas evaluated; None: (0, the training eta)", default=None)
     seed: int = _help("seed of the per-prompt evaluation noise", default=1234)
+    grid_prompts: int = _help("held-out prompts shown in the image grid saved at each evaluation (0: none)", default=8)
 
     def __post_init__(self) -> None:
+        _require(self.grid_prompts >= 0, f"eval.grid_prompts must be >= 0; got {self.grid_prompts}.")
         _require(self.every_epochs >= 0, f"eval.every_epochs must be >= 0; got {self.every_epochs}.")
         _require(self.num_prompts >= 0, f"eval.num_prompts must be >= 0; got {self.num_prompts}.")
         _require(self.num_steps >= 1, f"eval.num_steps must be >= 1; got {self.num_steps}.")

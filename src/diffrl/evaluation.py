@@ -54,7 +54,7 @@ class EvalResult:
             for eta in self.etas:
                 metrics[f"{prefix}/{name}/eta={eta:g}/mean"] = self.mean(name, eta)
                 metrics[f"{prefix}/{name}/eta={eta:g}/stderr"] = self.stderr(name, eta)
-            if self.train_eta is not None and 0.0 in self.etas and self.train_eta != 0.0:
+            if self.train_eta in self.etas and 0.0 in self.etas and self.train_eta != 0.0:
                 metrics[f"{prefix}/{name}/gap"], metrics[f"{prefix}/{name}/gap_stderr"] = self.gap(name)
         return metrics
 

@@ -108,6 +108,32 @@ def test_an_update_raises_the_log_probability_of_better_samples(random_sd_dir, t
     trainer.finish()
 
 
+@pytest.mark.parametrize("tracker", ["tensorboard", "wandb"])
+def test_metrics_and_sample_grids_reach_the_tracker(random_sd_dir, tmp_path, monkeypatch, tracker):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    config = apply_overrides(
+        small_config(str(random_sd_dir), str(tmp_path / "run")),
+        ["--train.epochs", "1", "--eval.every_epochs", "1", "--eval.num_prompts", "2", "--logging.tracker", tracker],
+    )
+    trainer = make_trainer(config)
+    trainer.train()
+    trainer.accelerator.end_training()
+    if tracker == "tensorboard":
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(tmp_path / "run" / "run"), size_guidance={"images": 0}).Reload()
+        assert "reward/mean" in events.Tags()["scalars"]
+        assert "eval/shapes/gap" in events.Tags()["scalars"]
+        assert [e.step for e in events.Images("eval/samples")] == [0, 1]
+    else:
+        (run,) = tmp_path.glob("wandb/offline-run-*")
+        records = next(run.glob("run-*.wandb")).read_bytes()  # the offline log (protobuf records)
+        assert b"reward/mean" in records and b"eval/shapes/gap" in records
+        assert len(list(run.glob("files/media/images/eval/samples_*.png"))) == 2
+
+
 def _run(args: list[str], env_extra: dict | None = None, launcher: list[str] | None = None) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
     command = (launcher or [sys.executable]) + [str(HELPER), *args]

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from PIL import Image
 
 from diffrl import policies
 from diffrl.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
@@ -354,6 +355,7 @@ class Trainer:
         if self.is_main:
             self.policy.denoiser.eval()
             etas = cfg.etas if cfg.etas is not None else (0.0, self.config.sample.eta)
+            images: dict[float, torch.Tensor] = {}
             result = evaluate(
                 self.policy,
                 self.eval_prompts,
@@ -365,10 +367,30 @@ class Trainer:
                 seed=cfg.seed,
                 batch_size=self.config.sample.batch_size,
                 noise_schedule=self.config.sample.noise_schedule,
+                images_out=images,
             )
             metrics = result.to_metrics()
+            if cfg.grid_prompts:
+                self.save_grid(completed, images)
         self.accelerator.wait_for_everyone()
         return metrics
+
+    def save_grid(self, completed: int, images: dict[float, torch.Tensor]) -> None:
+        """``samples/epoch-XXXXXX.png``: one row per evaluated eta (same noise), the first ``eval.grid_prompts``
+        held-out prompts as columns; also sent to the tracker."""
+        rows = [images[eta][: self.config.eval.grid_prompts] for eta in sorted(images)]
+        grid = torch.cat([torch.cat(list(row), dim=2) for row in rows], dim=1)  # [3, rows*H, cols*W]
+        array = (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        (self.output_dir / "samples").mkdir(exist_ok=True)
+        Image.fromarray(array).save(self.output_dir / "samples" / f"epoch-{completed:06d}.png")
+        caption = "rows: eta " + ", ".join(f"{eta:g}" for eta in sorted(images))
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_image("eval/samples", array, completed, dataformats="HWC")
+            elif tracker.name == "wandb":
+                import wandb
+
+                tracker.run.log({"eval/samples": wandb.Image(array, caption=caption)}, step=completed)
 
     def evaluate_base_policy(self) -> None:
         """Evaluate and log the policy before any update (a fresh run only; a resumed run already logged it)."""
