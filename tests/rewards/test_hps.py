@@ -137,3 +137,11 @@ def test_a_missing_checkpoint_says_what_to_pass(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match="reward.kwargs.hpsv2.checkpoint"):
         build_reward("hpsv2", checkpoint=str(tmp_path / "missing.pt"), clip_dir=str(tmp_path))
+
+
+def test_hps_is_differentiable_in_the_images(hps_files):
+    root, _ = hps_files
+    reward = build_reward("hpsv2", checkpoint=str(root / "HPS_tiny.pt"), clip_dir=str(root / "clip"))
+    images = torch.rand(2, 3, 40, 40, generator=torch.Generator().manual_seed(4)).requires_grad_(True)
+    reward(images, ["a red circle", "a blue square"], [{}, {}]).sum().backward()
+    assert images.grad is not None and images.grad.abs().sum() > 0

@@ -161,3 +161,14 @@ def test_foreign_checkpoints_and_missing_files_are_clear_errors(files, tmp_path,
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match="reward.kwargs.imagereward.checkpoint"):
         build_reward("imagereward", checkpoint=str(tmp_path / "missing.pt"), tokenizer_dir=str(root / "bert"))
+
+
+def test_imagereward_is_differentiable_in_the_images(files):
+    root, _ = files
+    reward = build_reward(
+        "imagereward", checkpoint=str(root / "ImageReward.pt"), tokenizer_dir=str(root / "bert"),
+        vision_heads=V_HEADS, text_heads=T_HEADS,
+    )  # fmt: skip
+    images = torch.rand(2, 3, 40, 40, generator=torch.Generator().manual_seed(4)).requires_grad_(True)
+    reward(images, ["a red circle", "a blue square"], [{}, {}]).sum().backward()
+    assert images.grad is not None and images.grad.abs().sum() > 0
