@@ -163,7 +163,10 @@ class TrainConfig:
     )
     epochs: int = _help("epochs; each samples a fresh batch of trajectories and trains on it", default=10)
     lr: float = _help("AdamW learning rate", default=3e-4)
-    lr_warmup_steps: int = _help("optimizer steps of linear learning-rate warm-up, then constant", default=0)
+    lr_warmup_steps: int = _help("optimizer steps of linear learning-rate warm-up", default=0)
+    lr_schedule: Literal["constant", "cosine"] = _help(
+        "after warm-up: 'constant', or 'cosine' decay to 0 at the last epoch", default="constant"
+    )
     adam_betas: tuple[float, float] = _help("AdamW betas", default=(0.9, 0.999))
     weight_decay: float = _help("AdamW weight decay", default=1e-4)
     adam_eps: float = _help("AdamW epsilon", default=1e-8)
@@ -207,6 +210,10 @@ class TrainConfig:
             f"train.mixed_precision must be no, bf16 or fp16; got {self.mixed_precision!r}.",
         )
         _require(self.lr_warmup_steps >= 0, f"train.lr_warmup_steps must be >= 0; got {self.lr_warmup_steps}.")
+        _require(
+            self.lr_schedule in ("constant", "cosine"),
+            f"train.lr_schedule must be 'constant' or 'cosine'; got {self.lr_schedule!r}.",
+        )
         _require(self.stat_buffer_size >= 1, f"train.stat_buffer_size must be >= 1; got {self.stat_buffer_size}.")
 
 

@@ -117,3 +117,19 @@ def test_subsample_timesteps_only_picks_stochastic_steps():
     assert all(sorted(row) == [1, 2, 3, 4] for row in full.tolist())
     with pytest.raises(ValueError, match="no stochastic step"):
         subsample_timesteps(torch.zeros(4, dtype=torch.bool), 2, 1.0, torch.Generator())
+
+
+def test_learning_rate_warms_up_then_decays_to_zero_at_the_last_epoch():
+    from diffrl.config import Config, apply_overrides
+    from diffrl.trainers.base import lr_factor
+
+    config = apply_overrides(
+        Config(),
+        ["--sample.batch_size", "8", "--sample.num_batches_per_epoch", "2", "--train.batch_size", "4",
+         "--train.group_size", "4", "--train.epochs", "5", "--train.lr_warmup_steps", "2"],
+    )  # fmt: skip
+    constant = lr_factor(config)
+    assert [constant(s) for s in (0, 1, 2, 19)] == [0.5, 1.0, 1.0, 1.0]
+    cosine = lr_factor(apply_overrides(config, ["--train.lr_schedule", "cosine"]))  # 4 updates x 5 epochs
+    assert cosine(0) == 0.5 and cosine(2) == 1.0
+    assert cosine(11) == pytest.approx(0.5) and cosine(20) == pytest.approx(0.0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import random
 import time
@@ -102,6 +103,25 @@ def concat_trajectories(parts: list[Trajectory]) -> Trajectory:
     )
 
 
+def lr_factor(config: Config):
+    """``step -> learning-rate factor``: linear warm-up, then constant or cosine decay to 0 at the last epoch."""
+    cfg, sample = config.train, config.sample
+    per_update = cfg.batch_size * cfg.gradient_accumulation_steps
+    updates_per_epoch = cfg.num_inner_epochs * (sample.batch_size * sample.num_batches_per_epoch // per_update)
+    total = max(1, cfg.epochs * updates_per_epoch)
+    warmup = cfg.lr_warmup_steps
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
 class Trainer:
     """Set-up and shared phases of a policy-gradient run. Subclasses write ``train()``, the explicit loop."""
 
@@ -146,8 +166,7 @@ class Trainer:
             weight_decay=config.train.weight_decay,
             eps=config.train.adam_eps,
         )
-        warmup = config.train.lr_warmup_steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, warmup)))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config))
         self.policy.denoiser, self.optimizer, self.lr_scheduler = self.accelerator.prepare(
             self.policy.unet, optimizer, scheduler
         )
