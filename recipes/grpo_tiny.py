@@ -25,17 +25,17 @@ def config() -> Config:
         # only the first 8 of 20 steps are stochastic and trained: the layout (which shapes, where) is decided
         # there, so the reward's variance within a batch comes from the steps that are trained
         sample=SampleConfig(
-            num_steps=20, guidance_scale=2.0, eta=1.0, sde_window=(0, 8), batch_size=32, num_batches_per_epoch=2
+            num_steps=20, guidance_scale=2.0, eta=1.0, sde_window=(0, 8), batch_size=32, num_batches_per_epoch=4
         ),
         reward=RewardConfig(spec="shapes"),
         prompts=PromptConfig(train="tiny:train", eval="tiny:heldout"),
         train=TrainConfig(
             algorithm="grpo",
-            epochs=40,
-            lr=1.5e-3,
-            lr_schedule="cosine",
+            epochs=30,
+            lr=1e-3,
             batch_size=32,
-            group_size=8,
+            gradient_accumulation_steps=4,  # one update per epoch over 32 prompts x 4 images
+            group_size=4,
             num_inner_epochs=1,
             clip_range=1e-2,
             timestep_fraction=0.5,
