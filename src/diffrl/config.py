@@ -82,6 +82,11 @@ class SampleConfig:
         "[start, end) step indices that are stochastic and trained; the others are ODE steps (None: all)",
         default=None,
     )
+    window_stride: int = _help(
+        "steps the SDE window moves later every window_shift_every epochs (0: fixed; MixGRPO's progressive window)",
+        default=0,
+    )
+    window_shift_every: int = _help("epochs the SDE window stays at each position", default=1)
     log_prob_reduction: Literal["mean", "sum"] = _help(
         "how a step's log-probability reduces over latent elements", default="mean"
     )
@@ -110,6 +115,14 @@ class SampleConfig:
         _require(
             self.num_batches_per_epoch >= 1,
             f"sample.num_batches_per_epoch must be >= 1; got {self.num_batches_per_epoch}.",
+        )
+        _require(self.window_stride >= 0, f"sample.window_stride must be >= 0; got {self.window_stride}.")
+        _require(
+            self.window_shift_every >= 1, f"sample.window_shift_every must be >= 1; got {self.window_shift_every}."
+        )
+        _require(
+            self.window_stride == 0 or self.sde_window is not None,
+            "sample.window_stride moves the SDE window: set sample.sde_window (its first position) too.",
         )
         if self.sde_window is not None:
             start, end = self.sde_window

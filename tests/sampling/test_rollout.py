@@ -3,7 +3,7 @@ import torch
 
 from diffrl.config import LoraConfig, ModelConfig
 from diffrl.policies.sd import SDPolicy
-from diffrl.sampling.rollout import rollout, sde_window_mask
+from diffrl.sampling.rollout import moving_window, rollout, sde_window_mask
 
 
 @pytest.fixture(scope="module")
@@ -54,3 +54,19 @@ def test_sde_window_mask_validation():
     assert sde_window_mask(4, None).all()
     with pytest.raises(ValueError, match="sde_window must satisfy"):
         sde_window_mask(4, (3, 6))
+
+
+def test_the_window_moves_progressively_and_stops_at_the_end():
+    positions = [moving_window((0, 4), 10, stride=2, shift_every=3, epoch=e) for e in range(14)]
+    assert positions[:3] == [(0, 4)] * 3  # three epochs at each position
+    assert positions[3] == (2, 6) and positions[6] == (4, 8) and positions[9] == (6, 10)
+    assert positions[13] == (6, 10)  # the end of the window has reached the last step: it stays
+    assert moving_window((0, 4), 10, stride=0, shift_every=1, epoch=50) == (0, 4)
+    assert moving_window(None, 10, stride=2, shift_every=1, epoch=5) is None
+
+
+def test_a_moving_window_needs_a_first_position():
+    from diffrl.config import ConfigError, SampleConfig
+
+    with pytest.raises(ConfigError, match="set sample.sde_window"):
+        SampleConfig(window_stride=2)

@@ -68,6 +68,17 @@ def test_reward_callable_from_python(random_sd_dir, tmp_path):
     assert "reward/brightness/mean" in read_metrics(tmp_path)[-1]
 
 
+def test_the_sde_window_moves_during_training(random_sd_dir, tmp_path):
+    config = apply_overrides(
+        small_config(str(random_sd_dir), str(tmp_path)),
+        ["--train.epochs", "3", "--sample.sde_window", "0,2", "--sample.window_stride", "1",
+         "--sample.window_shift_every", "2", "--logging.checkpoint_every", "0"],
+    )  # fmt: skip
+    train(config)
+    windows = [(m["sample/sde_window_start"], m["sample/sde_window_end"]) for m in read_metrics(tmp_path)]
+    assert windows == [(0, 2), (0, 2), (1, 3)]
+
+
 def test_overlapped_scoring_matches_inline_scoring(random_sd_dir, tmp_path):
     threads = []
 

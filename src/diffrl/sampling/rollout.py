@@ -49,6 +49,19 @@ def sde_window_mask(num_steps: int, sde_window: tuple[int, int] | None) -> torch
     return mask
 
 
+def moving_window(
+    sde_window: tuple[int, int] | None, num_steps: int, stride: int, shift_every: int, epoch: int
+) -> tuple[int, int] | None:
+    """The SDE window at ``epoch`` (0-based) when it moves over training, as in MixGRPO's progressive strategy: it
+    starts at ``sde_window`` and moves ``stride`` steps later every ``shift_every`` epochs until its end reaches
+    ``num_steps``, where it stays. ``stride = 0`` (or no window) keeps it fixed."""
+    if sde_window is None or stride == 0:
+        return sde_window
+    start, end = sde_window
+    shift = min(stride * (epoch // shift_every), num_steps - end)
+    return start + shift, end + shift
+
+
 def select_embeds(embeds: Any, index: torch.Tensor | slice) -> Any:
     """Rows ``index`` of a prompt encoding that is a tensor or a tuple of batch-first tensors."""
     if isinstance(embeds, tuple):

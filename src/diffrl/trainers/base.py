@@ -28,7 +28,7 @@ from diffrl.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from diffrl.config import Config, ConfigError
 from diffrl.evaluation import evaluate
 from diffrl.rewards import Reward, weighted_sum
-from diffrl.sampling.rollout import Trajectory, rollout, select_embeds
+from diffrl.sampling.rollout import Trajectory, moving_window, rollout, select_embeds
 from diffrl.trainers.common import (
     PolicyLoss,
     clipped_surrogate_loss,
@@ -210,7 +210,9 @@ class Trainer:
                     num_steps=cfg.num_steps,
                     guidance_scale=cfg.guidance_scale,
                     noise_schedule=cfg.noise_schedule,
-                    sde_window=cfg.sde_window,
+                    sde_window=moving_window(
+                        cfg.sde_window, cfg.num_steps, cfg.window_stride, cfg.window_shift_every, epoch
+                    ),
                     log_prob_reduction=cfg.log_prob_reduction,
                     step_seeds=step_seeds,
                     progress=self.config.logging.progress_bars and self.is_main,
@@ -339,6 +341,10 @@ class Trainer:
         if first_step_ratios:
             result["train/ratio_first_update_max_abs_dev"] = max(abs(r.item() - 1.0) for r in first_step_ratios)
         result["train/lr"] = self.lr_scheduler.get_last_lr()[0]
+        stochastic = samples.trajectory.sde_mask.nonzero().flatten()
+        if len(stochastic):
+            result["sample/sde_window_start"] = int(stochastic[0])
+            result["sample/sde_window_end"] = int(stochastic[-1]) + 1
         return result
 
     @torch.no_grad()
