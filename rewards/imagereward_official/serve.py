@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from diffrl.rewards.combine import to_uint8
 from diffrl.rewards.server import RewardServer, run_forever
 
 
@@ -48,9 +49,8 @@ def main() -> None:
     model = RM.load(args.model, device=args.device, download_root=args.download_root)
 
     def imagereward(images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> torch.Tensor:
-        arrays = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
         with torch.no_grad():
-            pil = [Image.fromarray(np.ascontiguousarray(a)) for a in arrays]
+            pil = [Image.fromarray(np.ascontiguousarray(a)) for a in to_uint8(images)]
             scores = [model.score(prompt, image) for prompt, image in zip(prompts, pil, strict=True)]
         return torch.tensor(scores, dtype=torch.float32)
 

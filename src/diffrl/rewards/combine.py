@@ -6,10 +6,17 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 Reward = Callable[[torch.Tensor, list[str], list[dict]], torch.Tensor]
 """``reward(images [B, 3, H, W] float in [0, 1], prompts, metadata) -> float [B]``."""
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """``[B, 3, H, W]`` float in [0, 1] -> ``[B, H, W, 3]`` uint8 (clamped, rounded to nearest): what a reward sees
+    from a saved image."""
+    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 class RewardError(RuntimeError):

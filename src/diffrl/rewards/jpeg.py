@@ -8,16 +8,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from diffrl.rewards.combine import Reward
+from diffrl.rewards.combine import Reward, to_uint8
 
 
 def jpeg_sizes_kb(images: torch.Tensor, quality: int = 95) -> torch.Tensor:
     """JPEG size of each image in kB (1,000 bytes): ``images`` ``[B, 3, H, W]`` float in [0, 1] -> ``[B]``."""
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"JPEG rewards expect images [B, 3, H, W]; got {tuple(images.shape)}.")
-    array = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     sizes = []
-    for image in array:
+    for image in to_uint8(images):
         buffer = io.BytesIO()
         Image.fromarray(np.ascontiguousarray(image)).save(buffer, format="JPEG", quality=quality)
         sizes.append(buffer.tell() / 1000.0)

@@ -29,18 +29,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import torch
 
+from diffrl.rewards.combine import check_scores, to_uint8
+
 PROTOCOL = 1
 FORMATS = ("png", "npz", "npz32")
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # image encoding
-
-
-def _to_uint8(images: torch.Tensor) -> np.ndarray:
-    """``[B, 3, H, W]`` in [0, 1] -> ``[B, H, W, 3]`` uint8 (round to nearest)."""
-    array = images.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1)
-    return array.cpu().numpy()
 
 
 def encode_images(images: torch.Tensor, fmt: str = "png") -> dict:
@@ -51,13 +47,13 @@ def encode_images(images: torch.Tensor, fmt: str = "png") -> dict:
         from PIL import Image
 
         data = []
-        for array in _to_uint8(images):
+        for array in to_uint8(images):
             buffer = io.BytesIO()
             Image.fromarray(array).save(buffer, format="PNG", compress_level=1)
             data.append(base64.b64encode(buffer.getvalue()).decode("ascii"))
         return {"format": "png", "data": data}
     if fmt in ("npz", "npz32"):
-        array = _to_uint8(images) if fmt == "npz" else images.detach().float().cpu().numpy()
+        array = to_uint8(images) if fmt == "npz" else images.detach().float().cpu().numpy()
         buffer = io.BytesIO()
         np.savez(buffer, images=array)
         return {"format": fmt, "data": base64.b64encode(buffer.getvalue()).decode("ascii")}
@@ -136,8 +132,6 @@ class RewardServer(ThreadingHTTPServer):
 
     def score(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> list[float | None]:
         """The reward's checked scores, ``None`` where non-finite (JSON has no NaN)."""
-        from diffrl.rewards.combine import check_scores
-
         with self.lock, torch.no_grad():
             scores = check_scores(self.reward_name, self.reward(images, prompts, metadata), len(prompts))
         return [value if math.isfinite(value) else None for value in scores.tolist()]

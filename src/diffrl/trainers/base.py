@@ -28,6 +28,7 @@ from diffrl.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from diffrl.config import Config, ConfigError
 from diffrl.evaluation import evaluate
 from diffrl.rewards import Reward, weighted_sum
+from diffrl.rewards.combine import to_uint8
 from diffrl.sampling.rollout import Trajectory, moving_window, rollout, select_embeds
 from diffrl.trainers.common import (
     PolicyLoss,
@@ -405,7 +406,7 @@ class Trainer:
         held-out prompts as columns; also sent to the tracker."""
         rows = [images[eta][: self.config.eval.grid_prompts] for eta in sorted(images)]
         grid = torch.cat([torch.cat(list(row), dim=2) for row in rows], dim=1)  # [3, rows*H, cols*W]
-        array = (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        array = to_uint8(grid.unsqueeze(0))[0]
         (self.output_dir / "samples").mkdir(exist_ok=True)
         Image.fromarray(array).save(self.output_dir / "samples" / f"epoch-{completed:06d}.png")
         caption = "rows: eta " + ", ".join(f"{eta:g}" for eta in sorted(images))
