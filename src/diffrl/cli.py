@@ -80,9 +80,9 @@ def run_eval(argv: list[str]) -> int:
 
     from diffrl import policies
     from diffrl.checkpoint import find_checkpoint
-    from diffrl.evaluation import evaluate
+    from diffrl.evaluation import evaluate_with_config
     from diffrl.rewards import weighted_sum
-    from diffrl.trainers.base import load_prompts
+    from diffrl.trainers.base import load_eval_prompts
 
     parser = argparse.ArgumentParser(prog="diffrl eval", description=run_eval.__doc__)
     source = parser.add_mutually_exclusive_group(required=True)
@@ -110,19 +110,12 @@ def run_eval(argv: list[str]) -> int:
     policy = policies.load(config)
     if directory is not None:
         policy.load_adapter(directory / "adapter")
-    prompts = load_prompts(config.prompts.eval)
-    if config.eval.num_prompts:
-        prompts = prompts[: config.eval.num_prompts]
+    prompts = load_eval_prompts(config)
     reward = weighted_sum(config.reward.spec, kwargs=config.reward.kwargs)
-    train_eta = config.sample.eta if config.sample.eta in etas else None
     results = {}
     print(f"{len(prompts)} prompts from {config.prompts.eval}; reward {config.reward.spec}")
     for num_steps in steps:
-        result = evaluate(
-            policy, prompts, reward, etas=tuple(etas), train_eta=train_eta, num_steps=num_steps,
-            guidance_scale=config.sample.guidance_scale, seed=config.eval.seed,
-            batch_size=config.sample.batch_size, noise_schedule=config.sample.noise_schedule,
-        )  # fmt: skip
+        result = evaluate_with_config(policy, config, prompts, reward, etas=tuple(etas), num_steps=num_steps)
         metrics = result.to_metrics()
         results[num_steps] = metrics
         for name in result.scores:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from diffrl.config import Config
 from diffrl.rewards.combine import WeightedSum
 from diffrl.sampling.rollout import rollout
 
@@ -109,3 +110,31 @@ def evaluate(
         if images_out is not None:
             images_out[eta] = torch.cat(images)
     return result
+
+
+def evaluate_with_config(
+    policy,
+    config: Config,
+    prompts: list[str],
+    reward: WeightedSum,
+    *,
+    etas: tuple[float, ...],
+    num_steps: int | None = None,
+    images_out: dict[float, torch.Tensor] | None = None,
+) -> EvalResult:
+    """:func:`evaluate` with a run's settings: its guidance, noise schedule and batch size, the evaluation seed and
+    step count (unless ``num_steps`` is given); the gap is measured against the training eta when it is evaluated."""
+    etas = tuple(float(e) for e in etas)
+    return evaluate(
+        policy,
+        prompts,
+        reward,
+        etas=etas,
+        train_eta=config.sample.eta if config.sample.eta in etas else None,
+        num_steps=num_steps or config.eval.num_steps,
+        guidance_scale=config.sample.guidance_scale,
+        seed=config.eval.seed,
+        batch_size=config.sample.batch_size,
+        noise_schedule=config.sample.noise_schedule,
+        images_out=images_out,
+    )

@@ -67,25 +67,19 @@ def evaluate_run(config: Config, directory: Path, eval_steps: list[int]) -> dict
     the base-policy gap from the run's first evaluation when it logged one."""
     from diffrl import policies
     from diffrl.checkpoint import find_checkpoint
-    from diffrl.evaluation import evaluate
+    from diffrl.evaluation import evaluate_with_config
     from diffrl.rewards import weighted_sum
-    from diffrl.trainers.base import load_prompts
+    from diffrl.trainers.base import load_eval_prompts
 
     checkpoint = find_checkpoint(directory, "latest")
     policy = policies.load(config)
     policy.load_adapter(checkpoint / "adapter")
-    prompts = load_prompts(config.prompts.eval)
-    if config.eval.num_prompts:
-        prompts = prompts[: config.eval.num_prompts]
+    prompts = load_eval_prompts(config)
     reward = weighted_sum(config.reward.spec, kwargs=config.reward.kwargs)
     name, eta = primary_reward(reward.names), config.sample.eta
     result = {"eta": eta, "seed": config.train.seed, "reward": name, "checkpoint": checkpoint.name, "steps": {}}
     for num_steps in eval_steps:
-        evaluation = evaluate(
-            policy, prompts, reward, etas=(0.0, eta), train_eta=eta, num_steps=num_steps,
-            guidance_scale=config.sample.guidance_scale, seed=config.eval.seed,
-            batch_size=config.sample.batch_size, noise_schedule=config.sample.noise_schedule,
-        )  # fmt: skip
+        evaluation = evaluate_with_config(policy, config, prompts, reward, etas=(0.0, eta), num_steps=num_steps)
         gap, gap_stderr = evaluation.gap(name)
         result["steps"][str(num_steps)] = {
             "ode": evaluation.mean(name, 0.0),

@@ -26,7 +26,7 @@ from PIL import Image
 from diffrl import policies
 from diffrl.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from diffrl.config import Config, ConfigError
-from diffrl.evaluation import evaluate
+from diffrl.evaluation import evaluate_with_config
 from diffrl.rewards import Reward, weighted_sum
 from diffrl.rewards.combine import to_uint8
 from diffrl.sampling.rollout import Trajectory, moving_window, rollout, select_embeds
@@ -52,6 +52,12 @@ def load_prompts(source: str) -> list[str]:
     if not prompts:
         raise ConfigError(f"prompt file {source!r} has no prompts; write one prompt a line.")
     return prompts
+
+
+def load_eval_prompts(config: Config) -> list[str]:
+    """The held-out prompts a run evaluates on: the first ``eval.num_prompts`` of ``prompts.eval`` (0: all)."""
+    prompts = load_prompts(config.prompts.eval)
+    return prompts[: config.eval.num_prompts] if config.eval.num_prompts else prompts
 
 
 def derived_seed(*parts: int) -> int:
@@ -156,9 +162,7 @@ class Trainer:
             on_invalid=config.reward.on_invalid,
         )
         self.train_prompts = load_prompts(config.prompts.train)
-        self.eval_prompts = load_prompts(config.prompts.eval) if config.eval.every_epochs > 0 else []
-        if config.eval.num_prompts:
-            self.eval_prompts = self.eval_prompts[: config.eval.num_prompts]
+        self.eval_prompts = load_eval_prompts(config) if config.eval.every_epochs > 0 else []
         self.params = self.policy.trainable_parameters()
         optimizer = torch.optim.AdamW(
             self.params,
@@ -382,18 +386,8 @@ class Trainer:
             self.policy.denoiser.eval()
             etas = cfg.etas if cfg.etas is not None else (0.0, self.config.sample.eta)
             images: dict[float, torch.Tensor] = {}
-            result = evaluate(
-                self.policy,
-                self.eval_prompts,
-                self.reward,
-                etas=etas,
-                train_eta=self.config.sample.eta,
-                num_steps=cfg.num_steps,
-                guidance_scale=self.config.sample.guidance_scale,
-                seed=cfg.seed,
-                batch_size=self.config.sample.batch_size,
-                noise_schedule=self.config.sample.noise_schedule,
-                images_out=images,
+            result = evaluate_with_config(
+                self.policy, self.config, self.eval_prompts, self.reward, etas=etas, images_out=images
             )
             metrics = result.to_metrics()
             if cfg.grid_prompts:
