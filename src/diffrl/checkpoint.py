@@ -3,7 +3,8 @@
 Layout of ``<output_dir>/checkpoints/epoch-000010/``::
 
     adapter/               LoRA weights in diffusers' format (plain ``load_lora_weights`` loads them)
-    optimizer.pt           optimizer and learning-rate scheduler state (tensors only; loaded with weights_only=True)
+    optimizer.safetensors  optimizer state tensors (Adam moments, step counts)
+    optimizer.json         the rest of the optimizer state and the learning-rate scheduler state
     trainer_state.json     completed epochs, optimizer steps, reward statistics
     config.json            the resolved config of the run
     manifest.json          size and SHA-256 of every file above, written last
@@ -11,6 +12,7 @@ Layout of ``<output_dir>/checkpoints/epoch-000010/``::
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -19,6 +21,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from diffrl.config import Config, ConfigError
 
@@ -26,6 +29,9 @@ CHECKPOINT_PREFIX = "epoch-"
 MANIFEST = "manifest.json"
 # Keys that may differ between a run and its resumption: where and how it logs, how long it runs, evaluation.
 RESUMABLE_DIFFERENCES = ("logging.", "train.epochs", "eval.")
+
+
+_USE_ANOTHER = " Resume from an earlier checkpoint, or with --resume latest (which skips damaged ones)."
 
 
 class CorruptCheckpointError(RuntimeError):
@@ -67,9 +73,11 @@ def verify_checkpoint(directory: Path) -> None:
     for relative, entry in manifest["files"].items():
         path = directory / relative
         if not path.is_file():
-            raise CorruptCheckpointError(f"checkpoint {str(directory)!r} is missing {relative}.")
+            raise CorruptCheckpointError(f"checkpoint {str(directory)!r} is missing {relative}.{_USE_ANOTHER}")
         if path.stat().st_size != entry["size"] or _sha256(path) != entry["sha256"]:
-            raise CorruptCheckpointError(f"checkpoint {str(directory)!r}: {relative} does not match its checksum.")
+            raise CorruptCheckpointError(
+                f"checkpoint {str(directory)!r}: {relative} does not match its checksum.{_USE_ANOTHER}"
+            )
 
 
 def save_checkpoint(
@@ -88,14 +96,14 @@ def save_checkpoint(
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{CHECKPOINT_PREFIX}{epoch:06d}"
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    for leftover in root.glob(".tmp-*"):  # half-written by a process that was killed
+        shutil.rmtree(leftover, ignore_errors=True)
+    for leftover in root.glob(".stale-*"):  # replaced, and killed before its removal
+        shutil.rmtree(leftover, ignore_errors=True)
     tmp.mkdir()
     try:
         policy.save_adapter(tmp / "adapter")
-        torch.save(
-            {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict()}, tmp / "optimizer.pt"
-        )
+        _save_optimizer(tmp, optimizer, lr_scheduler)
         (tmp / "trainer_state.json").write_text(json.dumps({"epoch": epoch, **state}, sort_keys=True))
         config.save(tmp / "config.json")
         files = {
@@ -110,12 +118,49 @@ def save_checkpoint(
             os.replace(final, stale)
             shutil.rmtree(stale)
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            previous = checkpoint_dirs(output_dir)
+            kept = f"checkpoint {str(previous[-1])!r} is intact" if previous else "no checkpoint exists yet"
+            raise OSError(
+                error.errno,
+                f"no space left on the disk while writing checkpoint {final.name} under {str(root)!r}; the partial "
+                f"write was removed and {kept}. Free space (or lower logging.keep_last) and continue with "
+                "--resume latest.",
+            ) from error
         raise
     for old in checkpoint_dirs(output_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _save_optimizer(directory: Path, optimizer, lr_scheduler) -> None:
+    """Optimizer and scheduler state as safetensors + JSON: nothing in a checkpoint is a pickle."""
+    state = optimizer.state_dict()
+    tensors, layout = {}, {}
+    for index, entry in state["state"].items():
+        layout[str(index)] = {}
+        for name, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}/{name}"] = value.detach().cpu().contiguous()
+                layout[str(index)][name] = None  # stored in the safetensors file
+            else:
+                layout[str(index)][name] = value
+    save_file(tensors, directory / "optimizer.safetensors")
+    meta = {"param_groups": state["param_groups"], "state": layout, "lr_scheduler": lr_scheduler.state_dict()}
+    (directory / "optimizer.json").write_text(json.dumps(meta, sort_keys=True))
+
+
+def _load_optimizer(directory: Path, optimizer, lr_scheduler) -> None:
+    tensors = load_file(directory / "optimizer.safetensors")
+    meta = json.loads((directory / "optimizer.json").read_text())
+    state = {
+        int(index): {name: tensors[f"{index}/{name}"] if value is None else value for name, value in entry.items()}
+        for index, entry in meta["state"].items()
+    }
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    lr_scheduler.load_state_dict(meta["lr_scheduler"])
 
 
 def find_checkpoint(output_dir: Path, resume: str) -> Path:
@@ -171,7 +216,5 @@ def load_checkpoint(directory: Path, *, policy, optimizer, lr_scheduler, config:
             "resume with the same settings, or start a new run in another logging.output_dir."
         )
     policy.load_adapter(directory / "adapter")
-    optimizer_state = torch.load(directory / "optimizer.pt", weights_only=True, map_location="cpu")
-    optimizer.load_state_dict(optimizer_state["optimizer"])
-    lr_scheduler.load_state_dict(optimizer_state["lr_scheduler"])
+    _load_optimizer(directory, optimizer, lr_scheduler)
     return json.loads((directory / "trainer_state.json").read_text())

@@ -16,11 +16,18 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from diffrl.checkpoint import CorruptCheckpointError
 from diffrl.config import Config, ConfigError, apply_overrides, describe
+from diffrl.rewards.combine import RewardError
+
+# Errors that mean "change this input" (config, files, rewards, checkpoints, disk, non-finite values): the
+# command prints the message without a traceback (DIFFRL_TRACEBACK=1 shows it) and exits with status 1.
+USER_ERRORS = (ConfigError, RewardError, CorruptCheckpointError, FloatingPointError, OSError, ValueError)
 
 
 def load_recipe(path: str) -> Callable[[], Config]:
@@ -63,7 +70,13 @@ def run_recipe(config_fn: Callable[[], Config], argv: list[str], prog: str) -> i
 
         print(json.dumps(config.to_dict(), indent=2, sort_keys=True))
         return 0
-    train(config, resume=args.resume)
+    try:
+        train(config, resume=args.resume)
+    except USER_ERRORS as error:
+        if os.environ.get("DIFFRL_TRACEBACK"):
+            raise
+        print(f"{prog}: error: {error}\n(set DIFFRL_TRACEBACK=1 to see the traceback)", file=sys.stderr)
+        return 1
     return 0
 
 

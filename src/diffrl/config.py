@@ -201,6 +201,11 @@ class TrainConfig:
         "(one extra forward pass per trained step; a debugging check)",
         default=False,
     )
+    on_nonfinite: Literal["raise", "skip"] = _help(
+        "a NaN/inf log-probability, loss or gradient: 'raise' an error naming the epoch and step (nothing is saved "
+        "from that epoch), or 'skip' the sample or optimizer step and count it (train/skipped_steps)",
+        default="raise",
+    )
     seed: int = _help("seed of prompts, noise and initialisation", default=0)
 
     def __post_init__(self) -> None:
@@ -228,6 +233,10 @@ class TrainConfig:
             f"train.lr_schedule must be 'constant' or 'cosine'; got {self.lr_schedule!r}.",
         )
         _require(self.stat_buffer_size >= 1, f"train.stat_buffer_size must be >= 1; got {self.stat_buffer_size}.")
+        _require(
+            self.on_nonfinite in ("raise", "skip"),
+            f"train.on_nonfinite must be 'raise' or 'skip'; got {self.on_nonfinite!r}.",
+        )
 
 
 @dataclass

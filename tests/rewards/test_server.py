@@ -173,3 +173,26 @@ def test_serve_reward_command_reports_an_unknown_reward():
     )  # fmt: skip
     assert result.returncode == 2
     assert "unknown reward 'pickscor'" in result.stdout
+
+
+def _soak(tmp_path, *args: str) -> dict:
+    out = tmp_path / "soak.json"
+    command = [sys.executable, str(REPO / "scripts" / "soak_reward_server.py"), "--json", str(out), *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_soak_a_burst_beyond_the_servers_slots_is_answered_with_retries(tmp_path):
+    figures = _soak(tmp_path, "--clients", "8", "--requests", "3", "--max-pending", "2", "--retries", "12")
+    assert figures["answered"] == figures["requests"] == 24
+    assert figures["failed"] == 0 and figures["wrong_scores"] == 0
+    assert figures["busy_replies"] > 0  # the overflow was turned away (503) and retried, not queued without bound
+    assert figures["latency_ms"]["p50"] <= figures["latency_ms"]["p99"] <= figures["latency_ms"]["max"]
+
+
+def test_soak_without_retries_fails_the_overflow_clearly(tmp_path):
+    figures = _soak(tmp_path, "--clients", "8", "--requests", "3", "--max-pending", "1", "--retries", "0")
+    assert figures["answered"] + figures["failed"] == figures["requests"]
+    assert figures["failed"] > 0 and figures["wrong_scores"] == 0
+    assert all("busy" in message and "--max-pending" in message for message in figures["failures"])

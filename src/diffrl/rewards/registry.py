@@ -8,8 +8,10 @@ A reward file is executed only when a user names it.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.util
+import inspect
 import math
 import sys
 from collections.abc import Callable, Mapping
@@ -72,6 +74,19 @@ def build_reward(spec: str | Reward, **kwargs: object) -> Reward:
         return RemoteReward(spec, **kwargs)
     if spec in REGISTRY:
         factory = _import_attribute(REGISTRY[spec])
+        accepted = inspect.signature(factory).parameters
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+        unknown = [key for key in kwargs if key not in accepted and not takes_any]
+        missing = [
+            name for name, p in accepted.items()
+            if p.default is inspect.Parameter.empty and p.kind is p.POSITIONAL_OR_KEYWORD and name not in kwargs
+        ]  # fmt: skip
+        if unknown or missing:
+            problem = f"takes no {unknown}" if unknown else f"needs {missing}"
+            raise ValueError(
+                f"reward {spec!r} {problem}; its arguments are {list(accepted)}. Give them in reward.kwargs as "
+                f'{{"{spec}": {{"name": value}}}}.'
+            )
         return factory(**kwargs)
     if ":" in spec:
         if kwargs:
@@ -80,8 +95,10 @@ def build_reward(spec: str | Reward, **kwargs: object) -> Reward:
         if not callable(reward):
             raise TypeError(f"{spec!r} is a {type(reward).__name__}, not a callable reward.")
         return reward
+    close = difflib.get_close_matches(spec, REGISTRY, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else "."
     raise ValueError(
-        f"unknown reward {spec!r}. Use a registry name ({', '.join(sorted(REGISTRY))}), "
+        f"unknown reward {spec!r}{hint} Use a registry name ({', '.join(sorted(REGISTRY))}), "
         "'package.module:function', 'path/to/file.py:function', or a reward server's http://host:port."
     )
 

@@ -20,6 +20,7 @@ import base64
 import io
 import json
 import math
+import random
 import threading
 import time
 import urllib.error
@@ -101,15 +102,30 @@ class RewardServer(ThreadingHTTPServer):
         name: the name it reports and puts in error messages.
         address: ``(host, port)``; port 0 picks a free one (see :attr:`url`).
         max_request_mb: larger requests are refused with status 413.
+        max_pending: requests waiting or being scored at once; more are answered 503 (busy), which clients retry
+            with backoff. Bounds the server's threads and memory under a burst.
     """
 
     daemon_threads = True
 
-    def __init__(self, reward, name: str, address: tuple[str, int] = ("127.0.0.1", 0), max_request_mb: float = 512):
+    def __init__(
+        self,
+        reward,
+        name: str,
+        address: tuple[str, int] = ("127.0.0.1", 0),
+        max_request_mb: float = 512,
+        max_pending: int = 32,
+    ):
+        if max_pending < 1:
+            raise ValueError(f"max_pending must be >= 1; got {max_pending}.")
         self.reward = reward
         self.reward_name = name
         self.max_request_bytes = int(max_request_mb * 2**20)
+        self.max_pending = max_pending
+        self.pending = threading.BoundedSemaphore(max_pending)
         self.lock = threading.Lock()
+        self.busy_replies = 0  # requests answered 503 because max_pending were already in
+        self._count_lock = threading.Lock()
         super().__init__(address, _Handler)
 
     @property
@@ -149,7 +165,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
-        self.wfile.write(payload)
+        try:
+            self.wfile.write(payload)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up (its timeout) before the answer
+            self.close_connection = True
 
     def do_GET(self) -> None:
         if self.path.rstrip("/") == "/health":
@@ -165,6 +184,18 @@ class _Handler(BaseHTTPRequestHandler):
         if length > self.server.max_request_bytes:
             self._reply(413, {"error": f"request of {length} bytes is over the server's limit; send smaller batches."})
             return
+        if not self.server.pending.acquire(blocking=False):
+            self.rfile.read(length)
+            with self.server._count_lock:
+                self.server.busy_replies += 1
+            self._reply(503, {"error": f"busy: {self.server.max_pending} requests are already pending; retry later."})
+            return
+        try:
+            self._score(length)
+        finally:
+            self.server.pending.release()
+
+    def _score(self, length: int) -> None:
         try:
             request = json.loads(self.rfile.read(length))
             if not isinstance(request, dict):
@@ -181,9 +212,11 @@ class _Handler(BaseHTTPRequestHandler):
         self._reply(200, {"scores": scores})
 
 
-def serve(reward, name: str, host: str = "127.0.0.1", port: int = 0, max_request_mb: float = 512) -> RewardServer:
+def serve(
+    reward, name: str, host: str = "127.0.0.1", port: int = 0, max_request_mb: float = 512, max_pending: int = 32
+) -> RewardServer:
     """Start serving ``reward`` in a background thread; returns the server (``.url``; ``.shutdown()`` stops it)."""
-    server = RewardServer(reward, name, (host, port), max_request_mb)
+    server = RewardServer(reward, name, (host, port), max_request_mb, max_pending)
     threading.Thread(target=server.serve_forever, name=f"reward-server-{name}", daemon=True).start()
     return server
 
@@ -223,13 +256,14 @@ class RemoteReward:
         self.url = url.rstrip("/")
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
         self.batch_size, self.image_format = batch_size, image_format
+        self._jitter = random.Random()
         self.__name__ = "remote"
 
     def _post(self, body: bytes) -> dict:
-        delay, last_error = self.backoff, None
+        delay, last_error, busy, timed_out = self.backoff, None, False, False
         for attempt in range(self.retries + 1):
             if attempt:
-                time.sleep(delay)
+                time.sleep(delay * self._jitter.uniform(0.5, 1.5))  # jitter: clients refused together spread out
                 delay *= 2
             request = urllib.request.Request(
                 f"{self.url}/score", data=body, headers={"Content-Type": "application/json"}, method="POST"
@@ -241,12 +275,26 @@ class RemoteReward:
                 message = _error_message(error)
                 if error.code not in (502, 503, 504):
                     raise RuntimeError(f"reward server {self.url} answered {error.code}: {message}") from None
-                last_error = f"{error.code}: {message}"
+                last_error, busy = f"{error.code}: {message}", error.code == 503
             except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
-                last_error = str(getattr(error, "reason", error))
+                reason = getattr(error, "reason", error)
+                last_error, busy = str(reason), False
+                timed_out = isinstance(reason, TimeoutError) or "timed out" in last_error
+        if busy:
+            advice = (
+                "The server is overloaded (more clients than its --max-pending): raise the client's retries or "
+                'backoff (reward.kwargs {"remote": {"retries": n, "backoff": seconds}}) or start the server '
+                "with a larger --max-pending."
+            )
+        elif timed_out:
+            advice = (
+                f"It is running but slow: raise the client's timeout (now {self.timeout:g} s; reward.kwargs "
+                '{"remote": {"url": ..., "timeout": seconds}}) or give the server a faster device.'
+            )
+        else:
+            advice = "Start it (e.g. `diffrl serve-reward pickscore --port 8000`) or fix the url in the reward config."
         raise ConnectionError(
-            f"reward server {self.url} did not answer after {self.retries + 1} attempts (last: {last_error}). "
-            "Start it (e.g. `diffrl serve-reward pickscore --port 8000`) or fix the url in the reward config."
+            f"reward server {self.url} did not answer after {self.retries + 1} attempts (last: {last_error}). {advice}"
         )
 
     def health(self) -> dict:
@@ -293,6 +341,9 @@ def main(argv: list[str] | None = None, prog: str = "diffrl serve-reward") -> in
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
     parser.add_argument("--port", type=int, default=8000, help="port (0: any free one)")
     parser.add_argument("--max-request-mb", type=float, default=512)
+    parser.add_argument(
+        "--max-pending", type=int, default=32, help="requests in the server at once; more get 503 (clients retry)"
+    )
     args = parser.parse_args(argv)
     from diffrl.rewards.registry import build_reward
 
@@ -304,7 +355,7 @@ def main(argv: list[str] | None = None, prog: str = "diffrl serve-reward") -> in
     except (ValueError, TypeError, FileNotFoundError, ImportError) as error:
         print(f"{prog}: {error}")
         return 2
-    run_forever(RewardServer(reward, args.reward, (args.host, args.port), args.max_request_mb))
+    run_forever(RewardServer(reward, args.reward, (args.host, args.port), args.max_request_mb, args.max_pending))
     return 0
 
 

@@ -24,7 +24,7 @@ from accelerate.utils import set_seed
 from PIL import Image
 
 from diffrl import policies
-from diffrl.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from diffrl.checkpoint import checkpoint_dirs, find_checkpoint, load_checkpoint, save_checkpoint
 from diffrl.config import Config, ConfigError
 from diffrl.evaluation import evaluate_with_config
 from diffrl.rewards import Reward, weighted_sum
@@ -73,6 +73,7 @@ class Samples:
     rewards: torch.Tensor  # [N] weighted total (NaN where dropped)
     parts: dict[str, torch.Tensor]  # [N] per reward
     valid: torch.Tensor  # [N] bool
+    nonfinite_log_probs: int = 0  # samples dropped for a NaN/inf log-probability (train.on_nonfinite='skip')
 
     def __len__(self) -> int:
         return len(self.trajectory.prompts)
@@ -180,6 +181,8 @@ class Trainer:
         self.extra_state: dict = {}
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
+        if resume is None:
+            self._refuse_to_overwrite()
         if resume is not None:
             self._resume(resume)
         elif self.is_main:
@@ -229,12 +232,32 @@ class Trainer:
                 else:
                     scored.append(self.reward.score(trajectory.images, prompts, metadata, batch))
             outputs = [out.result() if isinstance(out, Future) else out for out in scored]
-        return Samples(
+        samples = Samples(
             trajectory=concat_trajectories(trajectories),
             rewards=torch.cat([out.total for out in outputs]),
             parts={name: torch.cat([out.parts[name] for out in outputs]) for name in outputs[0].parts},
             valid=torch.cat([out.valid for out in outputs]),
         )
+        self._check_log_probs(samples, epoch)
+        return samples
+
+    def _check_log_probs(self, samples: Samples, epoch: int) -> None:
+        """A NaN/inf log-probability of a stochastic step raises (naming the step), or drops the sample (skip)."""
+        trajectory = samples.trajectory
+        finite = torch.isfinite(trajectory.log_probs[:, trajectory.sde_mask]).all(dim=1).cpu()
+        if bool(finite.all()):
+            return
+        if self.config.train.on_nonfinite == "raise":
+            row = int((~finite).nonzero()[0])
+            bad_steps = (~torch.isfinite(trajectory.log_probs[row])).nonzero().flatten().tolist()
+            raise FloatingPointError(
+                f"non-finite log-probability at epoch {epoch}, sampling step(s) {bad_steps} of the trajectory of "
+                f"{trajectory.prompts[row]!r}; nothing was saved from this epoch. A sampler step with near-zero "
+                "variance (very small eta with many steps, or a corrupt model output) causes this: raise sample.eta, "
+                "check the model, or set train.on_nonfinite=skip to drop such samples and count them."
+            )
+        samples.valid &= finite
+        samples.nonfinite_log_probs = int((~finite).sum())
 
     def gather(self, values: torch.Tensor) -> torch.Tensor:
         return self.accelerator.gather(values.to(self.accelerator.device)).cpu()
@@ -308,6 +331,7 @@ class Trainer:
         torch.manual_seed(derived_seed(cfg.seed, epoch, self.rank, 2))  # LoRA dropout
         self.policy.denoiser.train()
         stats: dict[str, list[float]] = {}
+        skipped, bad_window = 0, False
         first_step_ratios: list[torch.Tensor] = []
         if cfg.check_on_policy:
             stats["on_policy_max_abs_ratio_minus_1"] = [self._check_on_policy(samples, keep, advantages, epoch)]
@@ -325,7 +349,9 @@ class Trainer:
                     context = contextlib.nullcontext() if sync else self.accelerator.no_sync(self.policy.denoiser)
                     with context:
                         loss, kl, _ = self.step_loss(samples, rows, cols[:, k], advantages[rows])
-                        self._check_finite(loss.loss, "loss", epoch)
+                        where = f" (sampling step {cols[:, k].tolist()})"
+                        bad_window |= not self._finite(loss.loss, "loss", epoch, where)
+                        # a skipped window still runs backward so that every process joins the gradient all-reduce
                         self.accelerator.backward(loss.loss / (cfg.gradient_accumulation_steps * cols.shape[1]))
                     if inner == 0 and m < cfg.gradient_accumulation_steps:
                         first_step_ratios.append(loss.ratio_mean.detach())
@@ -333,16 +359,27 @@ class Trainer:
                         ("loss", loss.loss), ("ratio", loss.ratio_mean), ("clip_fraction", loss.clip_fraction),
                         ("approx_kl", loss.approx_kl), ("kl", kl),
                     ):  # fmt: skip
-                        stats.setdefault(name, []).append(value.item())
+                        if not bad_window:
+                            stats.setdefault(name, []).append(value.item())
                 if last_micro:
                     grad_norm = self.accelerator.clip_grad_norm_(self.params, cfg.max_grad_norm)
-                    self._check_finite(grad_norm, "gradient norm", epoch)
-                    self.optimizer.step()
-                    self.lr_scheduler.step()
+                    bad_window |= not self._finite(grad_norm, "gradient norm", epoch)
+                    if self.world > 1:  # every process skips the same steps
+                        flag = torch.tensor(float(bad_window), device=self.accelerator.device)
+                        bad_window = bool(self.accelerator.reduce(flag, reduction="sum") > 0)
+                    if bad_window:
+                        skipped += 1
+                    else:
+                        self.optimizer.step()
+                        self.lr_scheduler.step()
+                        self.global_step += 1
+                        stats.setdefault("grad_norm", []).append(float(grad_norm))
                     self.optimizer.zero_grad(set_to_none=True)
-                    self.global_step += 1
-                    stats.setdefault("grad_norm", []).append(float(grad_norm))
+                    bad_window = False
         result = {f"train/{name}": sum(values) / len(values) for name, values in stats.items()}
+        if cfg.on_nonfinite == "skip":
+            result["train/skipped_steps"] = skipped
+            result["sample/nonfinite_log_probs"] = samples.nonfinite_log_probs
         if first_step_ratios:
             result["train/ratio_first_update_max_abs_dev"] = max(abs(r.item() - 1.0) for r in first_step_ratios)
         result["train/lr"] = self.lr_scheduler.get_last_lr()[0]
@@ -366,11 +403,26 @@ class Trainer:
                 worst = max(worst, (ratio - 1).abs().max().item())
         return worst
 
-    def _check_finite(self, value: torch.Tensor, what: str, epoch: int) -> None:
-        if not bool(torch.isfinite(torch.as_tensor(value)).all()):
-            raise FloatingPointError(
-                f"non-finite {what} at epoch {epoch} (optimizer step {self.global_step}); nothing was saved from this "
-                "epoch. Lower train.lr, raise train.clip_range's strictness, or check the reward for extreme values."
+    def _finite(self, value: torch.Tensor, what: str, epoch: int, step: str = "") -> bool:
+        """Whether ``value`` is finite; with train.on_nonfinite='raise' a non-finite value is an error instead."""
+        if bool(torch.isfinite(torch.as_tensor(value)).all()):
+            return True
+        if self.config.train.on_nonfinite == "skip":
+            return False
+        raise FloatingPointError(
+            f"non-finite {what} at epoch {epoch}, optimizer step {self.global_step}{step}; nothing was saved from "
+            "this epoch (the last checkpoint is intact). Lower train.lr, tighten train.clip_range, check the reward "
+            "for extreme values, or set train.on_nonfinite=skip to skip such steps and count them."
+        )
+
+    def _refuse_to_overwrite(self) -> None:
+        """A fresh run never truncates the metrics or checkpoints of an earlier run in the same directory."""
+        metrics = self.output_dir / "metrics.jsonl"
+        earlier = bool(checkpoint_dirs(self.output_dir)) or (metrics.exists() and metrics.stat().st_size > 0)
+        if earlier:
+            raise FileExistsError(
+                f"logging.output_dir {str(self.output_dir)!r} already holds a run (metrics or checkpoints); continue "
+                "it with --resume latest, or choose another logging.output_dir (nothing there was changed)."
             )
 
     # ------------------------------------------------------------------------------------------------------------
@@ -446,7 +498,7 @@ class Trainer:
                 optimizer=self.optimizer,
                 lr_scheduler=self.lr_scheduler,
                 config=self.config,
-                state={"global_step": self.global_step, **self.extra_state},
+                state={"global_step": self.global_step, "num_processes": self.world, **self.extra_state},
                 keep_last=self.config.logging.keep_last,
             )
         self.accelerator.wait_for_everyone()
@@ -462,12 +514,21 @@ class Trainer:
         )
         self.start_epoch = state.pop("epoch")
         self.global_step = state.pop("global_step")
+        written_by = state.pop("num_processes", self.world)
+        if written_by != self.world:
+            raise ConfigError(
+                f"checkpoint {str(directory)!r} was written by a run on {written_by} process(es) but this one has "
+                f"{self.world}; sample.batch_size is per process, so the global batch would change. Resume with "
+                f"{written_by} process(es) or start a new run in another logging.output_dir."
+            )
         self.extra_state = state
         if self.is_main:
             metrics = self.output_dir / "metrics.jsonl"
             lines = metrics.read_text().splitlines() if metrics.exists() else []
-            kept = [line for line in lines if line and json.loads(line)["epoch"] <= self.start_epoch]
-            metrics.write_text("".join(line + "\n" for line in kept))
+            kept = [line for line in lines if _logged_epoch(line) <= self.start_epoch]
+            tmp = metrics.with_name(metrics.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, metrics)
 
     def finish(self) -> None:
         """End the run: close trackers and the process group (an open group can abort the interpreter at exit)."""
@@ -488,6 +549,14 @@ class _Timer:
         now = time.perf_counter()
         elapsed, self.start = now - self.start, now
         return elapsed
+
+
+def _logged_epoch(line: str) -> float:
+    """The epoch of a metrics.jsonl line; a line torn by a killed write counts as after every checkpoint."""
+    try:
+        return json.loads(line)["epoch"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
 
 
 def _flat(data: dict, prefix: str = "") -> dict:
