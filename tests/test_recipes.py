@@ -21,6 +21,11 @@ def test_recipes_cover_both_algorithms_on_both_models():
     assert configs["grpo_sd15"].train.algorithm == "grpo"
     assert configs["ddpo_tiny"].model.path == "tiny" and configs["grpo_tiny"].model.path == "tiny"
     assert configs["grpo_tiny"].reward.spec == "shapes"
+    flux, flux_tiny = configs["grpo_flux"], configs["grpo_flux_tiny"]
+    assert flux.model.family == flux_tiny.model.family == "flux" and flux_tiny.model.path == "tiny"
+    assert flux.model.path == "black-forest-labs/FLUX.1-dev" and flux.sample.num_steps == 25
+    assert flux.sample.sde_window == (0, 4) and flux.sample.window_stride == 1  # MixGRPO's moving window
+    assert set(flux.reward.spec.replace("=", ",").split(",")) >= {"hpsv2", "pickscore"}
 
 
 def test_cli_prints_the_resolved_config_and_rejects_bad_overrides(capsys):

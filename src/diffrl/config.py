@@ -43,6 +43,13 @@ class ModelConfig:
     )
     gradient_checkpointing: bool = _help("recompute activations in the backward pass to save memory", default=False)
     full_finetune: bool = _help("train every UNet/transformer weight instead of LoRA", default=False)
+    resolution: int = _help(
+        "image side in pixels; 0: the model's default (SD: the UNet's sample size x 8; FLUX: the VAE's sample size)",
+        default=0,
+    )
+    max_sequence_length: int = _help(
+        "FLUX: T5 prompt tokens; 0: the T5 tokenizer's model_max_length, at most 512 (FLUX.1-dev: 512)", default=0
+    )
 
     def __post_init__(self) -> None:
         _require(self.family in ("sd", "flux"), f"model.family must be 'sd' or 'flux'; got {self.family!r}.")
@@ -51,6 +58,18 @@ class ModelConfig:
             self.dtype in ("float32", "bfloat16", "float16"),
             f"model.dtype must be float32, bfloat16 or float16; got {self.dtype!r}.",
         )
+        _require(
+            self.resolution >= 0 and self.resolution % 16 == 0,
+            f"model.resolution must be 0 (the model's default) or a positive multiple of 16; got {self.resolution}.",
+        )
+        _require(
+            self.max_sequence_length >= 0,
+            f"model.max_sequence_length must be >= 0 (0: the tokenizer's); got {self.max_sequence_length}.",
+        )
+
+
+# LoRA targets for FLUX.1: the image- and text-stream attention projections of every block
+FLUX_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
 
 @dataclass

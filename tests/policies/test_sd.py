@@ -3,7 +3,8 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 from diffrl.config import LoraConfig, ModelConfig
-from diffrl.policies.sd import SDPolicy, resolve_model_path
+from diffrl.policies.common import resolve_model_path
+from diffrl.policies.sd import SDPolicy
 from diffrl.sampling.rollout import rollout
 
 

@@ -7,45 +7,16 @@ A small duck-typed surface that the rollout, the trainers and evaluation use wit
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
-from diffusers.training_utils import cast_training_params
-from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
 from diffusers.utils.torch_utils import randn_tensor
-from peft import LoraConfig as PeftLoraConfig
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from diffrl.config import LoraConfig, ModelConfig
+from diffrl.policies.common import DTYPES, LoraModel, resolve_model_path
 from diffrl.sampling.common import StepOutput
 from diffrl.sampling.gddim import gddim_step
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_model_path(path: str) -> str:
-    """``"tiny"`` is the embedded model; a local directory must exist; anything else is taken as a hub id."""
-    if path == "tiny":
-        from diffrl.tiny import tiny_sd_path
-
-        return str(tiny_sd_path())
-    local = Path(path).expanduser()
-    looks_local = path.startswith((".", "/", "~")) or local.exists() or path.count("/") != 1
-    if looks_local and not local.is_dir():
-        raise FileNotFoundError(
-            f"model directory {path!r} does not exist; give a diffusers-layout directory, a hub id "
-            "('org/name'), or 'tiny' for the embedded model."
-        )
-    if local.is_dir() and not (local / "model_index.json").is_file():
-        raise FileNotFoundError(
-            f"{path!r} is not a diffusers pipeline directory (no model_index.json); save the model with "
-            "`pipeline.save_pretrained(dir)` or point model.path at the folder that holds model_index.json."
-        )
-    return str(local) if local.is_dir() else path
 
 
 @dataclass(frozen=True)
@@ -59,10 +30,14 @@ class SDSchedule:
         return len(self.timesteps)
 
 
-class SDPolicy:
+class SDPolicy(LoraModel):
     family = "sd"
+    pipeline_class = StableDiffusionPipeline
+    component = "unet"
 
-    def __init__(self, pipeline: StableDiffusionPipeline, lora: LoraConfig | None, device: torch.device):
+    def __init__(
+        self, pipeline: StableDiffusionPipeline, lora: LoraConfig | None, device: torch.device, resolution: int = 0
+    ):
         self.device = torch.device(device)
         self.vae = pipeline.vae.to(self.device).requires_grad_(False).eval()
         self.text_encoder = pipeline.text_encoder.to(self.device).requires_grad_(False).eval()
@@ -73,30 +48,17 @@ class SDPolicy:
         self.prediction_type = self.scheduler.config.prediction_type
         self.alphas_cumprod = self.scheduler.alphas_cumprod.to(self.device)
         self.final_alpha_cumprod = float(self.scheduler.final_alpha_cumprod)
-        self.lora = lora
-        if lora is None:
-            self.unet.requires_grad_(True)
-        else:
-            self.unet.requires_grad_(False)
-            self.unet.add_adapter(
-                PeftLoraConfig(
-                    r=lora.rank,
-                    lora_alpha=lora.alpha,
-                    lora_dropout=lora.dropout,
-                    init_lora_weights="gaussian",
-                    target_modules=list(lora.target_modules),
-                )
-            )
-            cast_training_params(self.unet, dtype=torch.float32)
+        self._setup_training(self.unet, lora)
         self._prompt_cache: dict[str, torch.Tensor] = {}
         self._schedules: dict[int, SDSchedule] = {}
-        latent_size = self.unet.config.sample_size
+        vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        latent_size = resolution // vae_scale_factor if resolution else self.unet.config.sample_size
         self.latent_shape = (self.unet.config.in_channels, latent_size, latent_size)
 
     @classmethod
     def load(cls, model: ModelConfig, lora: LoraConfig, device: torch.device | str = "cpu") -> SDPolicy:
         """Load an SD1.x/2.x-layout model from a local directory or a hub id and add LoRA (unless full fine-tune)."""
-        path = resolve_model_path(model.path)
+        path = resolve_model_path(model.path, "sd")
         pipeline = StableDiffusionPipeline.from_pretrained(
             path,
             revision=model.revision,
@@ -104,7 +66,7 @@ class SDPolicy:
             safety_checker=None,
             requires_safety_checker=False,
         )
-        policy = cls(pipeline, None if model.full_finetune else lora, device)
+        policy = cls(pipeline, None if model.full_finetune else lora, device, model.resolution)
         if model.gradient_checkpointing:
             policy.unet.enable_gradient_checkpointing()
         return policy
@@ -199,51 +161,3 @@ class SDPolicy:
         """Latents ``[B, C, h, w]`` -> images ``[B, 3, H, W]`` float32 in [0, 1]."""
         scaled = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
         return (self.vae.decode(scaled).sample.float() / 2 + 0.5).clamp(0, 1)
-
-    # ------------------------------------------------------------------------------------------------------------
-    # training surface
-
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.unet.parameters() if p.requires_grad]
-
-    @contextlib.contextmanager
-    def reference(self) -> Iterator[None]:
-        """Run the base model: LoRA disabled inside the block (a full fine-tune has no reference)."""
-        if self.lora is None:
-            raise ValueError("a full fine-tune keeps no reference model; set train.kl_coef=0 or train LoRA.")
-        self.unet.disable_adapters()
-        try:
-            yield
-        finally:
-            self.unet.enable_adapters()
-
-    def save_adapter(self, directory: str | Path) -> None:
-        """LoRA weights in diffusers' format (``pytorch_lora_weights.safetensors`` with the adapter config), loadable
-        with plain ``StableDiffusionPipeline.load_lora_weights``; a full fine-tune saves the UNet."""
-        directory = Path(directory)
-        if self.lora is None:
-            self.unet.save_pretrained(directory / "unet")
-            return
-        state = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
-        StableDiffusionPipeline.save_lora_weights(
-            save_directory=directory,
-            unet_lora_layers=state,
-            safe_serialization=True,
-            unet_lora_adapter_metadata=self.unet.peft_config["default"].to_dict(),
-        )
-
-    def load_adapter(self, directory: str | Path) -> None:
-        """Load weights written by :meth:`save_adapter` into this policy's LoRA (or UNet)."""
-        directory = Path(directory)
-        if self.lora is None:
-            from diffusers import UNet2DConditionModel
-
-            loaded = UNet2DConditionModel.from_pretrained(directory / "unet")
-            self.unet.load_state_dict(loaded.state_dict())
-            return
-        state, _ = StableDiffusionPipeline.lora_state_dict(directory)
-        unet_state = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
-        result = set_peft_model_state_dict(self.unet, convert_unet_state_dict_to_peft(unet_state), "default")
-        unexpected = getattr(result, "unexpected_keys", None)
-        if unexpected:
-            raise ValueError(f"LoRA weights in {str(directory)!r} do not fit this model: {unexpected[:5]} ...")

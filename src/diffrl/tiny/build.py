@@ -4,6 +4,9 @@ The layout is real SD's, scaled down: an 8x ``AutoencoderKL`` (64x64x3 -> 8x8x4)
 ``UNet2DConditionModel`` on SD's scaled-linear schedule, a small ``CLIPTextModel`` and a ``CLIPTokenizer`` whose
 vocabulary is the shapes grammar's words. :func:`save_pipeline` writes them in diffusers' folder layout, so that
 ``StableDiffusionPipeline.from_pretrained(<dir>)`` loads the model exactly as it loads SD1.5.
+
+The FLUX.1 builders (:func:`build_flux_transformer`, :func:`build_t5_encoder`, :func:`flux_pipeline`) make the same
+kind of model in FLUX's layout, for ``FluxPipeline.from_pretrained(<dir>)``.
 """
 
 from __future__ import annotations
@@ -13,8 +16,16 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
 
 from diffrl.tiny.world import COLORS, COUNT_WORDS, RELATIONS, SHAPES
 
@@ -164,3 +175,81 @@ def save_pipeline(
     vae.to(dtype)
     text_encoder.to(torch.float32)
     pipeline.save_pretrained(directory, safe_serialization=True)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# FLUX.1 architecture, tiny
+
+
+def build_t5_encoder(tokenizer, dim: int = TEXT_DIM) -> T5EncoderModel:
+    """A small T5 encoder (FLUX's second text encoder) over the same vocabulary."""
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=dim,
+        d_kv=dim // 4,
+        d_ff=2 * dim,
+        num_layers=2,
+        num_heads=4,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    return T5EncoderModel(config)
+
+
+def build_flux_transformer(
+    *,
+    latent_channels: int = 4,
+    text_dim: int = TEXT_DIM,
+    pooled_dim: int = TEXT_DIM,
+    num_layers: int = 2,
+    num_single_layers: int = 4,
+    heads: int = 4,
+    head_dim: int = 32,
+    guidance_embeds: bool = False,
+) -> FluxTransformer2DModel:
+    """``FluxTransformer2DModel`` in FLUX.1's layout (double- then single-stream blocks, 3-axis RoPE), small."""
+    rope_y = rope_x = 3 * head_dim // 8
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4 * latent_channels,  # 2x2 packed latents
+        num_layers=num_layers,
+        num_single_layers=num_single_layers,
+        attention_head_dim=head_dim,
+        num_attention_heads=heads,
+        joint_attention_dim=text_dim,
+        pooled_projection_dim=pooled_dim,
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(head_dim - rope_y - rope_x, rope_y, rope_x),
+    )
+
+
+def build_flow_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    """FLUX.1's scheduler settings: resolution-dependent shift between base_shift and max_shift."""
+    return FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+
+
+def flux_pipeline(
+    *, vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer, text_encoder_2, tokenizer_2, transformer
+) -> FluxPipeline:
+    """A ``FluxPipeline`` of the given parts. FLUX decodes ``latents / scaling_factor + shift_factor``: a VAE
+    without a shift gets 0."""
+    if vae.config.shift_factor is None:
+        vae.register_to_config(shift_factor=0.0)
+    return FluxPipeline(
+        scheduler=build_flow_scheduler(),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
+    )

@@ -174,7 +174,7 @@ class Trainer:
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config))
         self.policy.denoiser, self.optimizer, self.lr_scheduler = self.accelerator.prepare(
-            self.policy.unet, optimizer, scheduler
+            self.policy.model, optimizer, scheduler
         )
         self.start_epoch = 0
         self.global_step = 0

@@ -1,0 +1,115 @@
+"""What the SD and FLUX policies share: model paths, dtypes, and the LoRA surface (add, train, disable, save, load)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from diffusers.training_utils import cast_training_params
+from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
+from peft import LoraConfig as PeftLoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+from diffrl.config import LoraConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_model_path(path: str, family: str = "sd") -> str:
+    """``"tiny"`` is the embedded model of the family; a local directory must exist; anything else is a hub id."""
+    if path == "tiny":
+        from diffrl.tiny import tiny_model_path
+
+        return str(tiny_model_path(family))
+    local = Path(path).expanduser()
+    looks_local = path.startswith((".", "/", "~")) or local.exists() or path.count("/") != 1
+    if looks_local and not local.is_dir():
+        raise FileNotFoundError(
+            f"model directory {path!r} does not exist; give a diffusers-layout directory, a hub id "
+            "('org/name'), or 'tiny' for the embedded model."
+        )
+    if local.is_dir() and not (local / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"{path!r} is not a diffusers pipeline directory (no model_index.json); save the model with "
+            "`pipeline.save_pretrained(dir)` or point model.path at the folder that holds model_index.json."
+        )
+    return str(local) if local.is_dir() else path
+
+
+class LoraModel:
+    """The trained network of a policy (``self.model``: a UNet or a transformer) with LoRA from peft, or fully
+    trainable when ``lora`` is None. Subclasses set ``pipeline_class`` and ``component`` (the pipeline's name for
+    the network: ``unet`` or ``transformer``) so that adapters save and load in diffusers' LoRA format."""
+
+    pipeline_class: type
+    component: str
+
+    def _setup_training(self, model: torch.nn.Module, lora: LoraConfig | None) -> None:
+        self.model = model
+        self.lora = lora
+        if lora is None:
+            model.requires_grad_(True)
+            return
+        model.requires_grad_(False)
+        model.add_adapter(
+            PeftLoraConfig(
+                r=lora.rank,
+                lora_alpha=lora.alpha,
+                lora_dropout=lora.dropout,
+                init_lora_weights="gaussian",
+                target_modules=list(lora.target_modules),
+            )
+        )
+        cast_training_params(model, dtype=torch.float32)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[None]:
+        """Run the base model: LoRA disabled inside the block (a full fine-tune has no reference)."""
+        if self.lora is None:
+            raise ValueError("a full fine-tune keeps no reference model; set train.kl_coef=0 or train LoRA.")
+        self.model.disable_adapters()
+        try:
+            yield
+        finally:
+            self.model.enable_adapters()
+
+    def save_adapter(self, directory: str | Path) -> None:
+        """LoRA weights in diffusers' format (``pytorch_lora_weights.safetensors`` with the adapter config), loadable
+        with the plain pipeline's ``load_lora_weights``; a full fine-tune saves the whole network."""
+        directory = Path(directory)
+        if self.lora is None:
+            self.model.save_pretrained(directory / self.component)
+            return
+        state = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.model))
+        self.pipeline_class.save_lora_weights(
+            save_directory=directory,
+            safe_serialization=True,
+            **{
+                f"{self.component}_lora_layers": state,
+                f"{self.component}_lora_adapter_metadata": self.model.peft_config["default"].to_dict(),
+            },
+        )
+
+    def load_adapter(self, directory: str | Path) -> None:
+        """Load weights written by :meth:`save_adapter` into this policy's LoRA (or network)."""
+        directory = Path(directory)
+        if self.lora is None:
+            loaded = type(self.model).from_pretrained(directory / self.component)
+            self.model.load_state_dict(loaded.state_dict())
+            return
+        out = self.pipeline_class.lora_state_dict(directory)
+        state = out[0] if isinstance(out, tuple) else out
+        prefix = f"{self.component}."
+        own = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+        result = set_peft_model_state_dict(self.model, convert_unet_state_dict_to_peft(own), "default")
+        unexpected = getattr(result, "unexpected_keys", None)
+        if unexpected or not own:
+            raise ValueError(
+                f"LoRA weights in {str(directory)!r} do not fit this model ({unexpected[:5] if unexpected else 'no '}"
+                f"{self.component} weights); load an adapter trained on this model family and LoRA config."
+            )

@@ -1,0 +1,208 @@
+"""The FLUX.1 policy (rectified flow, ``FluxTransformer2DModel``) with LoRA via peft: the same surface as the SD
+policy, so the rollout, the trainers and evaluation run unchanged.
+
+Latents live packed, as ``FluxPipeline`` keeps them: ``[B, (h/2)(w/2), 4C]`` (2x2 patches). Steps follow the
+pipeline's schedule: sigmas ``linspace(1, 1/T, T)`` shifted by ``FlowMatchEulerDiscreteScheduler`` with the
+resolution-dependent ``mu`` (``calculate_shift``), then a final 0. Guidance: a model with a guidance embedding
+(FLUX.1-dev) gets ``guidance_scale`` through it; a model without one gets true classifier-free guidance against the
+empty prompt (both halves in one batch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+from diffusers.utils.torch_utils import randn_tensor
+
+from diffrl.config import LoraConfig, ModelConfig
+from diffrl.policies.common import DTYPES, LoraModel, resolve_model_path
+from diffrl.sampling.common import StepOutput
+from diffrl.sampling.flow import flow_step
+
+
+@dataclass(frozen=True)
+class FluxSchedule:
+    """``sigmas`` ``[T + 1]`` (ending at 0) and the transformer's timestep input ``timesteps = 1000 sigmas[:T]``."""
+
+    sigmas: torch.Tensor
+    timesteps: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.timesteps)
+
+
+class FluxPolicy(LoraModel):
+    family = "flux"
+    pipeline_class = FluxPipeline
+    component = "transformer"
+
+    def __init__(
+        self,
+        pipeline: FluxPipeline,
+        lora: LoraConfig | None,
+        device: torch.device | str,
+        resolution: int = 0,
+        max_sequence_length: int = 0,
+    ):
+        self.device = torch.device(device)
+        for encoder in (pipeline.vae, pipeline.text_encoder, pipeline.text_encoder_2):
+            encoder.to(self.device).requires_grad_(False).eval()
+        self.pipeline = pipeline  # its encode_prompt, packing and latent ids are used as they are
+        self.vae = pipeline.vae
+        self.transformer = pipeline.transformer.to(self.device)
+        self.denoiser = self.transformer  # what forward passes call; a trainer may swap in a DDP-wrapped model
+        self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipeline.scheduler.config)
+        self.max_sequence_length = max_sequence_length or min(pipeline.tokenizer_2.model_max_length, 512)
+        self.guidance_embeds = bool(self.transformer.config.guidance_embeds)
+        self._setup_training(self.transformer, lora)
+        self.vae_scale_factor = pipeline.vae_scale_factor
+        sample_size = self.vae.config.sample_size  # FLUX.1's autoencoder: 1024
+        self.resolution = resolution or (sample_size if isinstance(sample_size, int) else sample_size[0])
+        side = 2 * (self.resolution // (self.vae_scale_factor * 2))  # latent side, even for 2x2 packing
+        self.latent_channels = self.transformer.config.in_channels // 4
+        self.latent_side = side
+        self.latent_image_ids = FluxPipeline._prepare_latent_image_ids(
+            1, side // 2, side // 2, self.device, self.transformer.dtype
+        )
+        self._prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._schedules: dict[int, FluxSchedule] = {}
+
+    @classmethod
+    def load(cls, model: ModelConfig, lora: LoraConfig, device: torch.device | str = "cpu") -> FluxPolicy:
+        """Load a FLUX.1-layout model from a local directory or a hub id and add LoRA (unless full fine-tune)."""
+        path = resolve_model_path(model.path, "flux")
+        pipeline = FluxPipeline.from_pretrained(path, revision=model.revision, torch_dtype=DTYPES[model.dtype])
+        policy = cls(
+            pipeline, None if model.full_finetune else lora, device, model.resolution, model.max_sequence_length
+        )
+        if model.gradient_checkpointing:
+            policy.transformer.enable_gradient_checkpointing()
+        return policy
+
+    # ------------------------------------------------------------------------------------------------------------
+    # sampling surface
+
+    def schedule(self, num_steps: int) -> FluxSchedule:
+        if num_steps not in self._schedules:
+            config = self.scheduler.config
+            mu = calculate_shift(
+                (self.latent_side // 2) ** 2,
+                config.get("base_image_seq_len", 256),
+                config.get("max_image_seq_len", 4096),
+                config.get("base_shift", 0.5),
+                config.get("max_shift", 1.15),
+            )
+            sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
+            if config.get("use_flow_sigmas", False):
+                sigmas = None
+            self.scheduler.set_timesteps(num_steps, device=self.device, sigmas=sigmas, mu=mu)
+            self._schedules[num_steps] = FluxSchedule(
+                self.scheduler.sigmas.to(self.device, torch.float32), self.scheduler.timesteps.to(self.device)
+            )
+        return self._schedules[num_steps]
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(T5 hidden states ``[B, L, D]``, pooled CLIP embedding ``[B, P]``), cached per prompt."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
+        if missing:
+            embeds, pooled, _ = self.pipeline.encode_prompt(
+                prompt=missing, prompt_2=None, device=self.device, max_sequence_length=self.max_sequence_length
+            )
+            self._prompt_cache.update(zip(missing, zip(embeds, pooled, strict=True), strict=True))
+        embeds, pooled = zip(*(self._prompt_cache[p] for p in prompts), strict=True)
+        return torch.stack(embeds), torch.stack(pooled)
+
+    def initial_latents(self, generators: list[torch.Generator]) -> torch.Tensor:
+        """Packed ``x_1 ~ N(0, I)``, one generator per sample, drawn as ``FluxPipeline.prepare_latents`` does."""
+        side, channels = self.latent_side, self.latent_channels
+        noise = randn_tensor(
+            (len(generators), channels, side, side), generator=generators, device=self.device, dtype=torch.float32
+        )
+        return FluxPipeline._pack_latents(noise, len(generators), channels, side, side)
+
+    def predict(
+        self,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        prompt_embeds: tuple[torch.Tensor, torch.Tensor],
+        guidance_scale: float,
+    ) -> torch.Tensor:
+        """The predicted velocity at packed ``latents`` after guidance, float32 ``[B, N, 4C]``."""
+        embeds, pooled = prompt_embeds
+        batch, dtype = latents.shape[0], self.transformer.dtype
+        t = torch.as_tensor(timesteps, device=self.device).expand(batch).to(dtype) / 1000
+        text_ids = torch.zeros(embeds.shape[1], 3, device=self.device, dtype=dtype)
+        if self.guidance_embeds or guidance_scale == 1.0:
+            guidance = (
+                torch.full((batch,), guidance_scale, device=self.device, dtype=torch.float32)
+                if self.guidance_embeds
+                else None
+            )
+            return self._forward(latents.to(dtype), t, guidance, embeds, pooled, text_ids).float()
+        negative, negative_pooled = self.encode_prompts([""])
+        out = self._forward(
+            torch.cat([latents, latents]).to(dtype),
+            torch.cat([t, t]),
+            None,
+            torch.cat([negative.expand(batch, -1, -1), embeds]),
+            torch.cat([negative_pooled.expand(batch, -1), pooled]),
+            text_ids,
+        )
+        uncond, cond = out.float().chunk(2)
+        return uncond + guidance_scale * (cond - uncond)
+
+    def _forward(self, latents, t, guidance, embeds, pooled, text_ids) -> torch.Tensor:
+        return self.denoiser(
+            hidden_states=latents,
+            timestep=t,
+            guidance=guidance,
+            pooled_projections=pooled,
+            encoder_hidden_states=embeds,
+            txt_ids=text_ids,
+            img_ids=self.latent_image_ids,
+            return_dict=False,
+        )[0]
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        num_steps: int,
+        step_index: int | torch.Tensor,
+        latents: torch.Tensor,
+        *,
+        eta: float,
+        noise_schedule: str = "gddim",
+        generator: list[torch.Generator] | torch.Generator | None = None,
+        prev_sample: torch.Tensor | None = None,
+        log_prob_reduction: str = "mean",
+    ) -> StepOutput:
+        """One reverse step at ``step_index`` (scalar or ``[B]``): sigma ``t -> s`` of the ``num_steps`` schedule."""
+        sigmas = self.schedule(num_steps).sigmas
+        index = torch.as_tensor(step_index, device=self.device)
+        return flow_step(
+            model_output,
+            sigmas[index],
+            sigmas[index + 1],
+            latents,
+            eta=eta,
+            noise_schedule=noise_schedule,
+            generator=generator,
+            prev_sample=prev_sample,
+            log_prob_reduction=log_prob_reduction,
+        )
+
+    def timestep_input(self, num_steps: int, step_index: int | torch.Tensor) -> torch.Tensor:
+        """The scheduler's timestep (1000 sigma) for ``step_index`` (scalar or ``[B]``); ``predict`` scales it."""
+        return self.schedule(num_steps).timesteps[torch.as_tensor(step_index, device=self.device)]
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Packed latents -> images ``[B, 3, H, W]`` float32 in [0, 1]."""
+        unpacked = FluxPipeline._unpack_latents(latents, self.resolution, self.resolution, self.vae_scale_factor)
+        scaled = unpacked / self.vae.config.scaling_factor + self.vae.config.shift_factor
+        return (self.vae.decode(scaled.to(self.vae.dtype)).sample.float() / 2 + 0.5).clamp(0, 1)
