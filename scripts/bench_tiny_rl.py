@@ -68,18 +68,31 @@ def main() -> None:
             "heldout": ode_reward(config, adapter, heldout, args.eval_steps),
             "train": ode_reward(config, adapter, train_prompts, args.eval_steps),
         }
-        rows.append({"seed": seed, "minutes": minutes, "after": after})
+        epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        timed = [row for row in epochs if "time/training_s" in row]
+        per_epoch = {
+            "sampling_s": sum(row["time/sampling_s"] for row in timed) / len(timed),
+            "training_s": sum(row["time/training_s"] for row in timed) / len(timed),
+        }
+        rows.append({"seed": seed, "minutes": minutes, "after": after, "per_epoch": per_epoch})
         print(
             f"seed {seed}: held-out {base['heldout'][0]:.3f} -> {after['heldout'][0]:.3f}, "
             f"train {base['train'][0]:.3f} -> {after['train'][0]:.3f}, {minutes:.1f} min",
             flush=True,
         )
-    print(f"\n| {Path(args.recipe).stem} | held-out ODE | train ODE | minutes |\n|---|---|---|---|")
+    print(
+        f"\n| {Path(args.recipe).stem} | held-out ODE | train ODE | minutes | sampling s/epoch | training s/epoch |"
+        "\n|---|---|---|---|---|---|"
+    )
     print(f"| base | {base['heldout'][0]:.3f} ± {base['heldout'][1]:.3f} | {base['train'][0]:.3f} ± "
-          f"{base['train'][1]:.3f} | |")  # fmt: skip
+          f"{base['train'][1]:.3f} | | | |")  # fmt: skip
     for row in rows:
         h, t = row["after"]["heldout"], row["after"]["train"]
-        print(f"| seed {row['seed']} | {h[0]:.3f} ± {h[1]:.3f} | {t[0]:.3f} ± {t[1]:.3f} | {row['minutes']:.1f} |")
+        e = row["per_epoch"]
+        print(
+            f"| seed {row['seed']} | {h[0]:.3f} ± {h[1]:.3f} | {t[0]:.3f} ± {t[1]:.3f} | {row['minutes']:.1f} | "
+            f"{e['sampling_s']:.1f} | {e['training_s']:.1f} |"
+        )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench.json").write_text(json.dumps({"recipe": args.recipe, "base": base, "runs": rows}, indent=1))
 

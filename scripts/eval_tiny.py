@@ -1,9 +1,10 @@
-"""Measure the tiny Stable Diffusion: held-out and training `shapes` reward per prompt kind, a sample grid, speed.
+"""Measure a tiny model: held-out and training `shapes` reward per prompt kind, a sample grid, speed.
 
-    python scripts/eval_tiny.py [--model DIR] [--steps 20,50] [--guidance 2.0] [--grid runs/tiny_grid.png]
+    python scripts/eval_tiny.py [--family sd|flux] [--model DIR] [--steps 20,50] [--guidance 2.0] [--grid PNG]
 
-Sampling is deterministic (DDIM, eta = 0) with classifier-free guidance, through plain
-``diffusers.StableDiffusionPipeline``: the same path any SD1.5 checkpoint takes.
+Sampling is deterministic (DDIM or the flow ODE, eta = 0) with classifier-free guidance, through plain
+``diffusers.StableDiffusionPipeline`` / ``FluxPipeline`` (true CFG against the empty prompt): the same path SD1.5
+and FLUX.1 checkpoints take.
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import FluxPipeline, StableDiffusionPipeline
 from PIL import Image
 
 from diffrl.rewards.shapes import shapes
-from diffrl.tiny import tiny_sd_path
+from diffrl.tiny import tiny_model_path
 from diffrl.tiny.world import all_captions, load_prompts, parse
 
 
@@ -28,14 +29,13 @@ def sample(pipeline, prompts: list[str], seeds: list[int], steps: int, guidance:
     images = []
     for i in range(0, len(prompts), 64):
         generators = [torch.Generator().manual_seed(s) for s in seeds[i : i + 64]]
-        out = pipeline(
-            prompts[i : i + 64],
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            eta=0.0,
-            generator=generators,
-            output_type="pt",
-        )
+        if isinstance(pipeline, FluxPipeline):
+            size = pipeline.vae.config.sample_size
+            guide = {"true_cfg_scale": guidance, "negative_prompt": "", "height": size, "width": size}
+            guide["max_sequence_length"] = pipeline.tokenizer_2.model_max_length
+        else:
+            guide = {"guidance_scale": guidance, "eta": 0.0}
+        out = pipeline(prompts[i : i + 64], num_inference_steps=steps, generator=generators, output_type="pt", **guide)
         images.append(out.images)
     return torch.cat(images)
 
@@ -51,6 +51,7 @@ def report(name: str, prompts: list[str], rewards: torch.Tensor) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", choices=("sd", "flux"), default="sd")
     parser.add_argument("--model", type=Path, default=None, help="model directory (default: the shipped one)")
     parser.add_argument("--steps", default="20,50")
     parser.add_argument("--guidance", type=float, default=2.0)
@@ -58,14 +59,15 @@ def main() -> None:
     parser.add_argument("--grid", type=Path, default=Path("runs/tiny_grid.png"))
     args = parser.parse_args()
     torch.set_grad_enabled(False)
-    pipeline = StableDiffusionPipeline.from_pretrained(args.model or tiny_sd_path())
+    pipeline_class = FluxPipeline if args.family == "flux" else StableDiffusionPipeline
+    pipeline = pipeline_class.from_pretrained(args.model or tiny_model_path(args.family))
     pipeline.set_progress_bar_config(disable=True)
 
     heldout = load_prompts("heldout")
     train = random.Random(0).sample(load_prompts("train"), len(heldout))
     singles = [c.text for c in all_captions() if c.kind == "single"]  # all 15, which the train sample barely holds
     for steps in [int(s) for s in args.steps.split(",")]:
-        print(f"DDIM eta=0, {steps} steps, CFG {args.guidance}:")
+        print(f"{args.family} ODE (eta=0), {steps} steps, CFG {args.guidance}:")
         for name, prompts, repeats in [
             ("held-out", heldout, args.seeds_per_prompt),
             ("train", train, args.seeds_per_prompt),

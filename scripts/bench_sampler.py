@@ -1,0 +1,125 @@
+"""Sampler overhead: a diffrl rollout (with log-probabilities) against the plain diffusers pipeline call.
+
+    python scripts/bench_sampler.py [--family sd,flux] [--batch 16] [--steps 20] [--guidance 2.0] [--repeats 5]
+        [--model-sd DIR] [--model-flux DIR] [--device cpu|cuda] [--json out.json]
+
+Same model, prompts, seeds, steps and guidance; the pipeline runs DDIM (SD) or the flow Euler ODE (FLUX, true CFG
+against the empty prompt when the model has no guidance embedding). The rollout runs at eta = 0 (the same ODE; its
+images are checked against the pipeline's) and at eta = 1 (every step stochastic, log-probabilities recorded).
+Each figure is the median of ``--repeats`` timed calls after a warm-up; ratios are rollout / pipeline from this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from diffusers import DDIMScheduler, FluxPipeline, StableDiffusionPipeline
+
+from diffrl import policies
+from diffrl.config import Config, ModelConfig
+from diffrl.sampling.rollout import rollout
+from diffrl.tiny import tiny_model_path
+
+PROMPTS = ["a red circle", "two blue squares", "a green triangle left of a yellow circle", "three purple circles"]
+
+
+def timed(fn, repeats: int, sync) -> tuple[float, object]:
+    out = fn()  # warm-up
+    sync()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        out = fn()
+        sync()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times), out
+
+
+def bench(family: str, path: str, args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch)]
+    seeds = list(range(args.batch))
+    config = Config(model=ModelConfig(family=family, path=path))
+    policy = policies.load(config, device)
+    if family == "flux":
+        pipeline = FluxPipeline.from_pretrained(path).to(device)
+        size = policy.resolution
+        guidance = (
+            {"guidance_scale": args.guidance}
+            if policy.guidance_embeds
+            else {"true_cfg_scale": args.guidance, "negative_prompt": ""}
+        )
+        extra = {"height": size, "width": size, "max_sequence_length": policy.max_sequence_length, **guidance}
+    else:
+        pipeline = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
+        pipeline = pipeline.to(device)
+        pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
+        extra = {"guidance_scale": args.guidance, "eta": 0.0}
+    pipeline.set_progress_bar_config(disable=True)
+
+    def plain():
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        with torch.no_grad():
+            return pipeline(
+                prompts, num_inference_steps=args.steps, generator=generators, output_type="pt", **extra
+            ).images
+
+    def ours(eta: float):
+        return lambda: (
+            rollout(policy, prompts, seeds, eta=eta, num_steps=args.steps, guidance_scale=args.guidance).images
+        )
+
+    pipeline_s, reference = timed(plain, args.repeats, sync)
+    ode_s, ode_images = timed(ours(0.0), args.repeats, sync)
+    sde_s, _ = timed(ours(1.0), args.repeats, sync)
+    return {
+        "family": family,
+        "model": path,
+        "pipeline_s": pipeline_s,
+        "rollout_eta0_s": ode_s,
+        "rollout_eta1_s": sde_s,
+        "ratio_eta0": ode_s / pipeline_s,
+        "ratio_eta1": sde_s / pipeline_s,
+        "max_abs_image_diff_eta0": (ode_images.cpu() - reference.cpu()).abs().max().item(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", default="sd,flux")
+    parser.add_argument("--model-sd", default=None, help="SD model directory or hub id (default: the tiny SD)")
+    parser.add_argument("--model-flux", default=None, help="FLUX model directory or hub id (default: the tiny FLUX)")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--guidance", type=float, default=2.0)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    rows = []
+    for family in args.family.split(","):
+        path = getattr(args, f"model_{family}") or str(tiny_model_path(family))
+        rows.append(bench(family, path, args))
+    print(
+        f"\n{args.batch} images, {args.steps} steps, guidance {args.guidance}, {args.device}; median of {args.repeats}"
+    )
+    print("| model | pipeline s | rollout eta=0 s (ratio) | rollout eta=1 s (ratio) | max image diff at eta=0 |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['family']} ({Path(r['model']).name}) | {r['pipeline_s']:.3f} | {r['rollout_eta0_s']:.3f} "
+            f"({r['ratio_eta0']:.3f}x) | {r['rollout_eta1_s']:.3f} ({r['ratio_eta1']:.3f}x) | "
+            f"{r['max_abs_image_diff_eta0']:.1e} |"
+        )
+    if args.json:
+        args.json.write_text(json.dumps({"settings": vars(args) | {"json": str(args.json)}, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
