@@ -99,3 +99,21 @@ def test_diffrl_eval_of_a_checkpoint_reproduces_the_sweeps_evaluation(sweep, tmp
 def test_diffrl_eval_reports_a_missing_checkpoint(tmp_path, capsys):
     assert cli_main(["eval", "--checkpoint", str(tmp_path / "nowhere")]) == 2
     assert "diffrl eval:" in capsys.readouterr().err
+
+
+def test_the_sweep_and_gap_evaluation_run_unchanged_on_flux(random_flux_dir, tmp_path):
+    recipe = tmp_path / "flux_recipe.py"
+    recipe.write_text(
+        "from tiny_run import small_config\nfrom diffrl.config import apply_overrides\n\n\n"
+        "def config():\n"
+        f"    return apply_overrides(small_config({str(random_flux_dir)!r}, 'unused'), [\n"
+        "        '--model.family', 'flux', '--model.resolution', '32', '--model.max_sequence_length', '16',\n"
+        "        '--reward.spec', 'jpeg_compressibility'])\n"
+    )
+    rows = run_sweep(str(recipe), [1.0, 1.5], [0], tmp_path / "out", OVERRIDES, [2, 4])
+    assert [(r["eta"], r["steps"]) for r in rows] == [(1.0, 2), (1.0, 4), (1.5, 2), (1.5, 4)]
+    for eta in (1.0, 1.5):
+        result = json.loads((tmp_path / "out" / f"eta={eta:g}" / "seed=0" / "result.json").read_text())
+        for cell in result["steps"].values():
+            assert cell["gap"] == pytest.approx(cell["ode"] - cell["sde"], abs=1e-6)  # float32 means
+    assert (tmp_path / "out" / "sweep.md").exists()
