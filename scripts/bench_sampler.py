@@ -6,7 +6,8 @@
 Same model, prompts, seeds, steps and guidance; the pipeline runs DDIM (SD) or the flow Euler ODE (FLUX, true CFG
 against the empty prompt when the model has no guidance embedding). The rollout runs at eta = 0 (the same ODE; its
 images are checked against the pipeline's) and at eta = 1 (every step stochastic, log-probabilities recorded).
-Each figure is the median of ``--repeats`` timed calls after a warm-up; ratios are rollout / pipeline from this run.
+Each figure is the median of ``--repeats`` interleaved timed calls after a warm-up; ratios are rollout / pipeline
+from this run.
 """
 
 from __future__ import annotations
@@ -28,16 +29,19 @@ from diffrl.tiny import tiny_model_path
 PROMPTS = ["a red circle", "two blue squares", "a green triangle left of a yellow circle", "three purple circles"]
 
 
-def timed(fn, repeats: int, sync) -> tuple[float, object]:
-    out = fn()  # warm-up
-    sync()
-    times = []
+def timed(fns: dict, repeats: int, sync) -> tuple[dict[str, float], dict[str, object]]:
+    """Median seconds of each function; the calls are interleaved (A B C A B C ...) after one warm-up each, so
+    that a change in machine load affects every function alike."""
+    outs = {name: fn() for name, fn in fns.items()}  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        started = time.perf_counter()
-        out = fn()
-        sync()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times), out
+        for name, fn in fns.items():
+            sync()
+            started = time.perf_counter()
+            outs[name] = fn()
+            sync()
+            times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(t) for name, t in times.items()}, outs
 
 
 def bench(family: str, path: str, args: argparse.Namespace) -> dict:
@@ -75,9 +79,9 @@ def bench(family: str, path: str, args: argparse.Namespace) -> dict:
             rollout(policy, prompts, seeds, eta=eta, num_steps=args.steps, guidance_scale=args.guidance).images
         )
 
-    pipeline_s, reference = timed(plain, args.repeats, sync)
-    ode_s, ode_images = timed(ours(0.0), args.repeats, sync)
-    sde_s, _ = timed(ours(1.0), args.repeats, sync)
+    seconds, outs = timed({"pipeline": plain, "ode": ours(0.0), "sde": ours(1.0)}, args.repeats, sync)
+    pipeline_s, ode_s, sde_s = seconds["pipeline"], seconds["ode"], seconds["sde"]
+    reference, ode_images = outs["pipeline"], outs["ode"]
     return {
         "family": family,
         "model": path,
