@@ -149,37 +149,71 @@ def encode_latents(work: Path, vae, images: torch.Tensor) -> torch.Tensor:
 # 4. UNet + text encoder
 
 
+def train_jointly(
+    modules: dict[str, torch.nn.Module],
+    loss_fn,
+    *,
+    generator: torch.Generator,
+    ckpt: Path,
+    steps: int,
+    desc: str,
+    args: argparse.Namespace,
+) -> None:
+    """The resumable loop that trains a tiny model's networks together: AdamW (weight decay 0.01) on every parameter
+    of ``modules``, linear warm-up then cosine learning rate peaking at ``args.lr``, gradient clipping at 1, an EMA
+    (``args.ema_decay``) copied into the weights at the end, and an atomic checkpoint (weights, optimizer, EMA,
+    ``generator``) every ``args.checkpoint_every`` steps. ``loss_fn()`` draws its batch from ``generator``."""
+    params = [p for module in modules.values() for p in module.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    ema = EMAModel(params, decay=args.ema_decay)
+    step = 0
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=True)
+        for name, module in modules.items():
+            module.load_state_dict(state[name])
+        optimizer.load_state_dict(state["optimizer"])
+        ema.load_state_dict(state["ema"])
+        generator.set_state(state["generator"])
+        step = state["step"]
+    for module in modules.values():
+        module.train()
+    bar = tqdm(total=steps, initial=step, desc=desc)
+    started = time.time()
+    while step < steps:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, steps, args.lr, warmup=200)
+        loss = loss_fn()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        ema.step(params)
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}", samples_per_s=f"{args.batch * bar.n / (time.time() - started):.0f}")
+        if step % args.checkpoint_every == 0 or step == steps:
+            state = {name: module.state_dict() for name, module in modules.items()}
+            state.update(optimizer=optimizer.state_dict(), ema=ema.state_dict(), generator=generator.get_state())
+            atomic_torch_save({**state, "step": step}, ckpt)
+    bar.close()
+    ema.copy_to(params)
+    for module in modules.values():
+        module.eval()
+
+
 def train_unet(work: Path, latents: torch.Tensor, captions: list[str], args: argparse.Namespace):
     tokenizer = build_tokenizer(work / "tokenizer")
     text_encoder = build_text_encoder(tokenizer)
     unet = build_unet()
     scheduler = build_scheduler()
-    params = [*unet.parameters(), *text_encoder.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
-    ema = EMAModel(params, decay=args.ema_decay)
     ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
     ids = ids.input_ids
     empty_ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
     empty_ids = empty_ids.input_ids
     generator = torch.Generator().manual_seed(args.seed + 2)
-    ckpt = work / "unet_ckpt.pt"
-    step = 0
-    if ckpt.exists():
-        state = torch.load(ckpt, weights_only=True)
-        unet.load_state_dict(state["unet"])
-        text_encoder.load_state_dict(state["text_encoder"])
-        optimizer.load_state_dict(state["optimizer"])
-        ema.load_state_dict(state["ema"])
-        generator.set_state(state["generator"])
-        step = state["step"]
     alphas_cumprod = scheduler.alphas_cumprod
-    unet.train()
-    text_encoder.train()
-    bar = tqdm(total=args.unet_steps, initial=step, desc="unet")
-    started = time.time()
-    while step < args.unet_steps:
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, args.unet_steps, args.lr, warmup=200)
+
+    def loss_fn() -> torch.Tensor:
         index = torch.randint(0, latents.shape[0], (args.batch,), generator=generator)
         x0 = latents[index]
         batch_ids = ids[index].clone()
@@ -193,28 +227,19 @@ def train_unet(work: Path, latents: torch.Tensor, captions: list[str], args: arg
         pred = unet(x_t, t, encoder_hidden_states).sample
         snr = compute_snr(scheduler, t)
         weight = torch.clamp(snr, max=args.snr_gamma) / snr  # min-SNR-gamma for epsilon prediction
-        loss = (weight * F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        ema.step(params)
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}", samples_per_s=f"{args.batch * bar.n / (time.time() - started):.0f}")
-        if step % args.checkpoint_every == 0 or step == args.unet_steps:
-            state = {
-                "unet": unet.state_dict(),
-                "text_encoder": text_encoder.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "ema": ema.state_dict(),
-                "generator": generator.get_state(),
-                "step": step,
-            }
-            atomic_torch_save(state, ckpt)
-    bar.close()
-    ema.copy_to(params)
-    return unet.eval(), text_encoder.eval(), tokenizer
+        return (weight * F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
+
+    modules = {"unet": unet, "text_encoder": text_encoder}
+    train_jointly(
+        modules,
+        loss_fn,
+        generator=generator,
+        ckpt=work / "unet_ckpt.pt",
+        steps=args.unet_steps,
+        desc="unet",
+        args=args,
+    )
+    return unet, text_encoder, tokenizer
 
 
 def main() -> None:

@@ -22,13 +22,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, FluxPipeline
-from diffusers.training_utils import EMAModel
-from tqdm import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from diffrl.tiny import tiny_model_path
 from diffrl.tiny.build import MAX_TOKENS, build_flux_transformer, build_t5_encoder, flux_pipeline
-from pretrain_tiny import atomic_torch_save, encode_latents, lr_at, render_dataset
+from pretrain_tiny import encode_latents, render_dataset, train_jointly
 
 
 def shared_parts() -> tuple[AutoencoderKL, CLIPTextModel, CLIPTokenizer]:
@@ -48,9 +46,6 @@ def train_transformer(work: Path, latents: torch.Tensor, captions: list[str], pa
     _, clip, tokenizer = parts
     transformer = build_flux_transformer()
     t5 = build_t5_encoder(tokenizer)
-    params = [*transformer.parameters(), *t5.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
-    ema = EMAModel(params, decay=args.ema_decay)
 
     def tokens(texts: list[str]) -> torch.Tensor:
         return tokenizer(texts, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt")[
@@ -65,23 +60,8 @@ def train_transformer(work: Path, latents: torch.Tensor, captions: list[str], pa
     img_ids = FluxPipeline._prepare_latent_image_ids(1, side // 2, side // 2, "cpu", torch.float32)
     txt_ids = torch.zeros(MAX_TOKENS, 3)
     generator = torch.Generator().manual_seed(args.seed + 3)
-    ckpt = work / "transformer_ckpt.pt"
-    step = 0
-    if ckpt.exists():
-        state = torch.load(ckpt, weights_only=True)
-        transformer.load_state_dict(state["transformer"])
-        t5.load_state_dict(state["t5"])
-        optimizer.load_state_dict(state["optimizer"])
-        ema.load_state_dict(state["ema"])
-        generator.set_state(state["generator"])
-        step = state["step"]
-    transformer.train()
-    t5.train()
-    bar = tqdm(total=args.steps, initial=step, desc="transformer")
-    started = time.time()
-    while step < args.steps:
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, args.steps, args.lr, warmup=200)
+
+    def loss_fn() -> torch.Tensor:
         index = torch.randint(0, latents.shape[0], (args.batch,), generator=generator)
         x0 = pack(latents[index])
         batch_ids, batch_pooled = ids[index].clone(), pooled[index].clone()
@@ -99,28 +79,18 @@ def train_transformer(work: Path, latents: torch.Tensor, captions: list[str], pa
             img_ids=img_ids,
             return_dict=False,
         )[0]
-        loss = F.mse_loss(pred, noise - x0)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        ema.step(params)
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}", samples_per_s=f"{args.batch * bar.n / (time.time() - started):.0f}")
-        if step % args.checkpoint_every == 0 or step == args.steps:
-            state = {
-                "transformer": transformer.state_dict(),
-                "t5": t5.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "ema": ema.state_dict(),
-                "generator": generator.get_state(),
-                "step": step,
-            }
-            atomic_torch_save(state, ckpt)
-    bar.close()
-    ema.copy_to(params)
-    return transformer.eval(), t5.eval()
+        return F.mse_loss(pred, noise - x0)
+
+    train_jointly(
+        {"transformer": transformer, "t5": t5},
+        loss_fn,
+        generator=generator,
+        ckpt=work / "transformer_ckpt.pt",
+        steps=args.steps,
+        desc="transformer",
+        args=args,
+    )
+    return transformer, t5
 
 
 def main() -> None:

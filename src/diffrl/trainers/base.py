@@ -181,13 +181,13 @@ class Trainer:
         self.extra_state: dict = {}
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-        if resume is None:
-            self._refuse_to_overwrite()
         if resume is not None:
             self._resume(resume)
-        elif self.is_main:
-            config.save(self.output_dir / "config.json")
-            (self.output_dir / "metrics.jsonl").write_text("")
+        else:
+            self._refuse_to_overwrite()
+            if self.is_main:
+                config.save(self.output_dir / "config.json")
+                (self.output_dir / "metrics.jsonl").write_text("")
         if config.logging.tracker != "none":
             self.accelerator.init_trackers(self.output_dir.name, config=_flat(config.to_dict()))
         self.accelerator.wait_for_everyone()
