@@ -43,6 +43,15 @@ class ModelConfig:
     )
     gradient_checkpointing: bool = _help("recompute activations in the backward pass to save memory", default=False)
     full_finetune: bool = _help("train every UNet/transformer weight instead of LoRA", default=False)
+    channels_last: bool = _help(
+        "SD: keep the UNet's weights channels-last (NHWC); whether it is faster depends on the hardware and batch "
+        "(docs/performance.md)",
+        default=False,
+    )
+    compile: bool = _help(
+        "torch.compile the UNet/transformer: faster steps after a one-off compile per shape (minutes on a CPU)",
+        default=False,
+    )
     resolution: int = _help(
         "image side in pixels; 0: the model's default (SD: the UNet's sample size x 8; FLUX: the VAE's sample size)",
         default=0,
@@ -165,9 +174,10 @@ class RewardConfig:
     on_invalid: Literal["raise", "drop"] = _help(
         "a non-finite reward: 'raise' an error, or 'drop' the sample and count it", default="raise"
     )
-    overlap: bool = _help(
-        "score each sampling batch in a worker thread while the next batch is sampled (same scores either way)",
-        default=True,
+    overlap: bool | Literal["auto"] = _help(
+        "score each sampling batch in a worker thread while the next batch is sampled (same scores either way); "
+        "'auto': when sampling runs on a GPU or the reward is a server (on a CPU the two would share its cores)",
+        default="auto",
     )
 
     def __post_init__(self) -> None:

@@ -125,3 +125,15 @@ def test_missing_or_wrong_model_directories_are_clear_errors(tmp_path):
         resolve_model_path("stable-diffusion-v1-5/stable-diffusion-v1-5")
         == "stable-diffusion-v1-5/stable-diffusion-v1-5"
     )
+
+
+def test_channels_last_is_the_same_policy_in_another_memory_layout(random_sd_dir, policy):
+    assert policy.unet.conv_in.weight.is_contiguous()
+    torch.manual_seed(0)
+    nhwc = SDPolicy.load(ModelConfig(path=str(random_sd_dir), channels_last=True), LoraConfig(rank=4, alpha=8.0))
+    conv = nhwc.unet.conv_in.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    prompts, seeds = ["a red circle", "two blue squares"], [3, 4]
+    ours, theirs = (rollout(p, prompts, seeds, eta=1.0, num_steps=6, guidance_scale=3.0) for p in (nhwc, policy))
+    torch.testing.assert_close(ours.images, theirs.images, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours.log_probs, theirs.log_probs, atol=1e-5, rtol=1e-5)

@@ -87,16 +87,26 @@ def test_overlapped_scoring_matches_inline_scoring(random_sd_dir, tmp_path):
         return images.mean(dim=(1, 2, 3))
 
     runs = {}
-    for overlap in ("true", "false"):
+    for overlap in ("true", "false", "auto"):
         config = apply_overrides(
             small_config(str(random_sd_dir), str(tmp_path / overlap)),
             ["--train.epochs", "1", "--sample.num_batches_per_epoch", "2", "--reward.overlap", overlap],
         )
         GRPOTrainer(config, reward=brightness).train()
         runs[overlap] = read_metrics(tmp_path / overlap)[-1]
-    assert threads[:2] == ["reward_0", "reward_0"] and threads[2:] == ["MainThread", "MainThread"]
-    assert runs["true"]["reward/mean"] == runs["false"]["reward/mean"]
-    assert runs["true"]["train/loss"] == runs["false"]["train/loss"]
+    # 'auto' on a CPU scores an in-process reward inline (it would compete with the sampler for the cores)
+    assert threads == ["reward_0", "reward_0"] + ["MainThread"] * 4
+    for overlap in ("false", "auto"):
+        assert runs["true"]["reward/mean"] == runs[overlap]["reward/mean"]
+        assert runs["true"]["train/loss"] == runs[overlap]["train/loss"]
+
+
+def test_auto_overlap_scores_a_reward_server_in_a_worker_thread_even_on_a_cpu(random_sd_dir, tmp_path):
+    config = small_config(str(random_sd_dir), str(tmp_path / "run"))
+    assert config.reward.overlap == "auto"
+    trainer = GRPOTrainer(config, reward="http://127.0.0.1:9")  # not contacted: nothing is sampled
+    assert trainer.overlap_scoring()
+    trainer.finish()
 
 
 def test_an_update_raises_the_log_probability_of_better_samples(random_sd_dir, tmp_path):

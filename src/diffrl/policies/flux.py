@@ -26,7 +26,8 @@ from diffrl.sampling.flow import flow_step
 
 @dataclass(frozen=True)
 class FluxSchedule:
-    """``sigmas`` ``[T + 1]`` (ending at 0) and the transformer's timestep input ``timesteps = 1000 sigmas[:T]``."""
+    """``sigmas`` ``[T + 1]`` (ending at 0) on the host (the step maths reads them there, without a device
+    synchronisation) and the transformer's timestep input ``timesteps = 1000 sigmas[:T]`` on the device."""
 
     sigmas: torch.Tensor
     timesteps: torch.Tensor
@@ -54,6 +55,7 @@ class FluxPolicy(LoraModel):
         self.pipeline = pipeline  # its encode_prompt, packing and latent ids are used as they are
         self.vae = pipeline.vae
         self.transformer = pipeline.transformer.to(self.device)
+        self.dtype = self.transformer.dtype  # diffusers' ``dtype`` property walks every module: read it once
         self.denoiser = self.transformer  # what forward passes call; a trainer may swap in a DDP-wrapped model
         self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipeline.scheduler.config)
         self.max_sequence_length = max_sequence_length or min(pipeline.tokenizer_2.model_max_length, 512)
@@ -66,10 +68,11 @@ class FluxPolicy(LoraModel):
         self.latent_channels = self.transformer.config.in_channels // 4
         self.latent_side = side
         self.latent_image_ids = FluxPipeline._prepare_latent_image_ids(
-            1, side // 2, side // 2, self.device, self.transformer.dtype
+            1, side // 2, side // 2, self.device, self.dtype
         )
         self._prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._schedules: dict[int, FluxSchedule] = {}
+        self._negative: tuple[torch.Tensor, torch.Tensor] | None = None  # the empty prompt's encoding
 
     @classmethod
     def load(cls, model: ModelConfig, lora: LoraConfig, device: torch.device | str = "cpu") -> FluxPolicy:
@@ -81,6 +84,8 @@ class FluxPolicy(LoraModel):
         )
         if model.gradient_checkpointing:
             policy.transformer.enable_gradient_checkpointing()
+        if model.compile:
+            policy.denoiser = torch.compile(policy.denoiser)
         return policy
 
     # ------------------------------------------------------------------------------------------------------------
@@ -101,7 +106,7 @@ class FluxPolicy(LoraModel):
                 sigmas = None
             self.scheduler.set_timesteps(num_steps, device=self.device, sigmas=sigmas, mu=mu)
             self._schedules[num_steps] = FluxSchedule(
-                self.scheduler.sigmas.to(self.device, torch.float32), self.scheduler.timesteps.to(self.device)
+                self.scheduler.sigmas.to("cpu", torch.float32), self.scheduler.timesteps.to(self.device)
             )
         return self._schedules[num_steps]
 
@@ -134,7 +139,7 @@ class FluxPolicy(LoraModel):
     ) -> torch.Tensor:
         """The predicted velocity at packed ``latents`` after guidance, float32 ``[B, N, 4C]``."""
         embeds, pooled = prompt_embeds
-        batch, dtype = latents.shape[0], self.transformer.dtype
+        batch, dtype = latents.shape[0], self.dtype
         t = torch.as_tensor(timesteps, device=self.device).expand(batch).to(dtype) / 1000
         text_ids = torch.zeros(embeds.shape[1], 3, device=self.device, dtype=dtype)
         if self.guidance_embeds or guidance_scale == 1.0:
@@ -144,7 +149,9 @@ class FluxPolicy(LoraModel):
                 else None
             )
             return self._forward(latents.to(dtype), t, guidance, embeds, pooled, text_ids).float()
-        negative, negative_pooled = self.encode_prompts([""])
+        if self._negative is None:
+            self._negative = self.encode_prompts([""])
+        negative, negative_pooled = self._negative
         out = self._forward(
             torch.cat([latents, latents]).to(dtype),
             torch.cat([t, t]),
@@ -183,7 +190,7 @@ class FluxPolicy(LoraModel):
     ) -> StepOutput:
         """One reverse step at ``step_index`` (scalar or ``[B]``): sigma ``t -> s`` of the ``num_steps`` schedule."""
         sigmas = self.schedule(num_steps).sigmas
-        index = torch.as_tensor(step_index, device=self.device)
+        index = torch.as_tensor(step_index).cpu()  # host indices (the trainers keep them there): no device sync
         return flow_step(
             model_output,
             sigmas[index],

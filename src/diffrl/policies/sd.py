@@ -21,10 +21,12 @@ from diffrl.sampling.gddim import gddim_step
 
 @dataclass(frozen=True)
 class SDSchedule:
-    """The DDIM timesteps of ``num_steps`` steps, as diffusers' pipeline walks them: ``[T]`` each."""
+    """The DDIM timesteps of ``num_steps`` steps, as diffusers' pipeline walks them: ``[T]`` each, on the host (the
+    step maths reads them there, without a device synchronisation), and the model's timestep input on the device."""
 
     timesteps: torch.Tensor
     prev_timesteps: torch.Tensor
+    model_timesteps: torch.Tensor
 
     def __len__(self) -> int:
         return len(self.timesteps)
@@ -46,10 +48,12 @@ class SDPolicy(LoraModel):
         self.denoiser = self.unet  # what forward passes call; a trainer may swap in a DDP-wrapped unet
         self.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
         self.prediction_type = self.scheduler.config.prediction_type
-        self.alphas_cumprod = self.scheduler.alphas_cumprod.to(self.device)
+        self.alphas_cumprod = self.scheduler.alphas_cumprod.cpu()  # on the host: see SDSchedule
+        self.dtype = self.unet.dtype  # diffusers' ``dtype`` property walks every module: read it once
         self.final_alpha_cumprod = float(self.scheduler.final_alpha_cumprod)
         self._setup_training(self.unet, lora)
         self._prompt_cache: dict[str, torch.Tensor] = {}
+        self._negative: torch.Tensor | None = None
         self._schedules: dict[int, SDSchedule] = {}
         vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         latent_size = resolution // vae_scale_factor if resolution else self.unet.config.sample_size
@@ -69,6 +73,10 @@ class SDPolicy(LoraModel):
         policy = cls(pipeline, None if model.full_finetune else lora, device, model.resolution)
         if model.gradient_checkpointing:
             policy.unet.enable_gradient_checkpointing()
+        if model.channels_last:
+            policy.unet.to(memory_format=torch.channels_last)
+        if model.compile:
+            policy.denoiser = torch.compile(policy.denoiser)
         return policy
 
     # ------------------------------------------------------------------------------------------------------------
@@ -76,11 +84,11 @@ class SDPolicy(LoraModel):
 
     def schedule(self, num_steps: int) -> SDSchedule:
         if num_steps not in self._schedules:
-            self.scheduler.set_timesteps(num_steps, device=self.device)
-            timesteps = self.scheduler.timesteps.clone()
+            self.scheduler.set_timesteps(num_steps)
+            timesteps = self.scheduler.timesteps.cpu().clone()
             # diffusers' DDIMScheduler.step: previous timestep = t - num_train_timesteps // num_steps
             prev = timesteps - self.scheduler.config.num_train_timesteps // num_steps
-            self._schedules[num_steps] = SDSchedule(timesteps, prev)
+            self._schedules[num_steps] = SDSchedule(timesteps, prev, timesteps.to(self.device))
         return self._schedules[num_steps]
 
     @torch.no_grad()
@@ -95,9 +103,15 @@ class SDPolicy(LoraModel):
                 truncation=True,
                 return_tensors="pt",
             ).input_ids.to(self.device)
-            embeds = self.text_encoder(ids)[0].to(self.unet.dtype)
+            embeds = self.text_encoder(ids)[0].to(self.dtype)
             self._prompt_cache.update(zip(missing, embeds, strict=True))
         return torch.stack([self._prompt_cache[p] for p in prompts])
+
+    def _negative_embeds(self) -> torch.Tensor:
+        """The empty prompt's encoding ``[1, L, D]`` (the unconditional half of classifier-free guidance)."""
+        if self._negative is None:
+            self._negative = self.encode_prompts([""])
+        return self._negative
 
     def initial_latents(self, generators: list[torch.Generator]) -> torch.Tensor:
         """``x_T ~ N(0, I)``, one generator per sample, ``[B, C, h, w]`` float32."""
@@ -114,9 +128,9 @@ class SDPolicy(LoraModel):
         batch = latents.shape[0]
         timesteps = torch.as_tensor(timesteps, device=self.device).expand(batch)
         if guidance_scale == 1.0:
-            return self.denoiser(latents.to(self.unet.dtype), timesteps, prompt_embeds).sample.float()
-        negative = self.encode_prompts([""]).expand(batch, -1, -1)
-        model_in = torch.cat([latents, latents]).to(self.unet.dtype)
+            return self.denoiser(latents.to(self.dtype), timesteps, prompt_embeds).sample.float()
+        negative = self._negative_embeds().expand(batch, -1, -1)
+        model_in = torch.cat([latents, latents]).to(self.dtype)
         out = self.denoiser(model_in, torch.cat([timesteps, timesteps]), torch.cat([negative, prompt_embeds])).sample
         uncond, cond = out.float().chunk(2)
         return uncond + guidance_scale * (cond - uncond)
@@ -136,7 +150,7 @@ class SDPolicy(LoraModel):
     ) -> StepOutput:
         """One reverse step at ``step_index`` (scalar or ``[B]``) of the ``num_steps`` schedule."""
         schedule = self.schedule(num_steps)
-        index = torch.as_tensor(step_index, device=self.device)
+        index = torch.as_tensor(step_index).cpu()  # host indices (the trainers keep them there): no device sync
         return gddim_step(
             model_output,
             schedule.timesteps[index],
@@ -154,7 +168,8 @@ class SDPolicy(LoraModel):
 
     def timestep_input(self, num_steps: int, step_index: int | torch.Tensor) -> torch.Tensor:
         """The model's timestep input for ``step_index`` (scalar or ``[B]``)."""
-        return self.schedule(num_steps).timesteps[torch.as_tensor(step_index, device=self.device)]
+        schedule = self.schedule(num_steps)
+        return schedule.model_timesteps[torch.as_tensor(step_index, device=schedule.model_timesteps.device)]
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -49,15 +49,25 @@ def check_reduction(reduction: str) -> None:
         raise ValueError(f"log_prob_reduction must be one of {LOG_PROB_REDUCTIONS}; got {reduction!r}.")
 
 
-def per_sample(value: float | torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
-    """A scalar or a ``[B]`` tensor as float32 of shape ``[B or 1, 1, ..., 1]``, broadcastable against ``sample``."""
-    value = torch.as_tensor(value, dtype=torch.float32, device=sample.device)
+def batch_values(value: float | torch.Tensor, batch: int) -> torch.Tensor:
+    """A scalar or a ``[B]`` tensor as a float32 ``[B or 1]`` tensor on its own device (the host for Python numbers).
+
+    The step functions compute their per-step coefficients and checks on these small tensors where the schedule
+    lives, so that a schedule kept on the host costs the loop no device synchronisation.
+    """
+    value = torch.as_tensor(value, dtype=torch.float32)
     if value.ndim == 0:
         value = value.reshape(1)
-    if value.ndim != 1 or value.shape[0] not in (1, sample.shape[0]):
+    if value.ndim != 1 or value.shape[0] not in (1, batch):
         raise ValueError(
-            f"a per-step quantity must be a scalar or have shape [batch={sample.shape[0]}]; got {tuple(value.shape)}."
+            f"a per-step quantity must be a scalar or have shape [batch={batch}]; got {tuple(value.shape)}."
         )
+    return value
+
+
+def per_sample(value: float | torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+    """A scalar or a ``[B]`` tensor as float32 of shape ``[B or 1, 1, ..., 1]`` on ``sample``'s device."""
+    value = batch_values(value, sample.shape[0]).to(sample.device, non_blocking=True)
     return value.reshape(-1, *([1] * (sample.ndim - 1)))
 
 
@@ -88,10 +98,12 @@ def finish_step(
 ) -> StepOutput:
     """Draw ``prev_sample ~ N(mean, std^2)`` (or take the given one) and score it.
 
+    ``std`` is a scalar or ``[B]`` (best on the host: whether the step has a density is decided from it).
+
     The sample is cast to the input dtype *before* it is scored, so that re-scoring the stored sample later with
     unchanged weights gives exactly the same log-probability (importance ratio 1).
     """
-    std = std.expand(mean.shape[0], *std.shape[1:])
+    std = batch_values(std, mean.shape[0])
     stochastic = std > 0
     if bool(stochastic.any()) and not bool(stochastic.all()):
         raise ValueError(
@@ -99,6 +111,7 @@ def finish_step(
             "score the final deterministic step separately or drop it from the trained timesteps."
         )
     has_density = bool(stochastic.all())
+    std = per_sample(std, mean).expand(mean.shape[0], *([1] * (mean.ndim - 1)))
 
     if prev_sample is None:
         if has_density:

@@ -31,6 +31,7 @@ import torch
 from diffrl.sampling.common import (
     LogProbReduction,
     StepOutput,
+    batch_values,
     check_eta,
     check_reduction,
     finish_step,
@@ -77,33 +78,36 @@ def flow_step(
             f"noise_schedule must be one of {FLOW_NOISE_SCHEDULES} for a flow model; got {noise_schedule!r}."
         )
 
-    # 1. noise levels, shaped [B or 1, 1, ...]
-    t = per_sample(sigma, sample)
-    s = per_sample(sigma_next, sample)
+    # 1. noise levels, [B or 1], where the schedule lives (the host, in a policy's step: no device synchronisation)
+    t = batch_values(sigma, sample.shape[0])
+    s = batch_values(sigma_next, sample.shape[0])
     if bool(((t <= 0) | (t > 1) | (s < 0) | (s >= t)).any()):
         raise ValueError(f"flow steps need 0 <= sigma_next < sigma <= 1; got sigma={sigma}, sigma_next={sigma_next}.")
 
-    # 2. predicted x0 and eps from the velocity
-    v = model_output.to(torch.float32)
-    x_t = sample.to(torch.float32)
-    x0 = x_t - t * v
-
     if noise_schedule == "gddim":
-        # 3. r = SNR_t / SNR_s; the variance and the coefficient of eps, folded into coefficients of x_t and v
+        # 2. r = SNR_t / SNR_s; the variance and the coefficient of eps, folded into coefficients of x_t and v:
+        #    (1 - s) x0 + eps_coef eps with x0 = x_t - t v, eps = x_t + (1 - t) v; at eta = 0 this is x_t + (s - t) v
         r = ((1.0 - t) * s / (t * (1.0 - s))) ** 2
         eps_coef = s * r.pow(eta**2 / 2.0)
         variance = s**2 * (1.0 - r.pow(eta**2))
-        # (1 - s) x0 + eps_coef eps with x0 = x_t - t v, eps = x_t + (1 - t) v; at eta = 0 this is x_t + (s - t) v
-        mean = (1.0 - s + eps_coef) * x_t + (eps_coef * (1.0 - t) - (1.0 - s) * t) * v
+        x_coef = 1.0 - s + eps_coef
+        v_coef = eps_coef * (1.0 - t) - (1.0 - s) * t
         std = variance.clamp(min=0.0).sqrt()
     else:
-        # 3. Flow-GRPO: sigma_t = a sqrt(t / (1 - t)), with s in place of t inside 1 - t at t = 1
+        # 2. Flow-GRPO: sigma_t = a sqrt(t / (1 - t)), with s in place of t inside 1 - t at t = 1; Euler-Maruyama
+        #    on the reverse SDE whose score term is -eps / t
         dt = s - t
         one_minus_t = torch.where(t >= 1.0, 1.0 - s, 1.0 - t)
         sigma_t = eta * (t / one_minus_t).sqrt()
-        # 4. Euler-Maruyama on the reverse SDE whose score term is -eps / t
-        mean = x_t * (1.0 + sigma_t**2 / (2.0 * t) * dt) + v * (1.0 + sigma_t**2 * (1.0 - t) / (2.0 * t)) * dt
+        x_coef = 1.0 + sigma_t**2 / (2.0 * t) * dt
+        v_coef = (1.0 + sigma_t**2 * (1.0 - t) / (2.0 * t)) * dt
         std = sigma_t * (-dt).sqrt()
+
+    # 3. predicted x0 and the mean of x_s
+    v = model_output.to(torch.float32)
+    x_t = sample.to(torch.float32)
+    x0 = x_t - per_sample(t, sample) * v
+    mean = per_sample(x_coef, sample) * x_t + per_sample(v_coef, sample) * v
 
     # 5. sample (or take the stored sample) and score it
     return finish_step(

@@ -27,6 +27,7 @@ import torch
 from diffrl.sampling.common import (
     LogProbReduction,
     StepOutput,
+    batch_values,
     check_eta,
     check_reduction,
     finish_step,
@@ -117,16 +118,15 @@ def gddim_step(
     if noise_schedule not in VP_NOISE_SCHEDULES:
         raise ValueError(f"noise_schedule must be one of {VP_NOISE_SCHEDULES} for a VP model; got {noise_schedule!r}.")
 
-    # 1. alphas at the current and previous timestep, shaped [B or 1, 1, 1, 1]
-    alpha_t = per_sample(_alpha_at(alphas_cumprod, timestep, final_alpha_cumprod), sample)
-    alpha_p = per_sample(_alpha_at(alphas_cumprod, prev_timestep, final_alpha_cumprod), sample)
+    # 1. alphas at the current and previous timestep, [B or 1], computed where the schedule lives: a policy keeps
+    #    it on the host, so the checks below cost no device synchronisation
+    batch = sample.shape[0]
+    alpha_t = batch_values(_alpha_at(alphas_cumprod, timestep, final_alpha_cumprod), batch)
+    alpha_p = batch_values(_alpha_at(alphas_cumprod, prev_timestep, final_alpha_cumprod), batch)
     if bool((alpha_p < alpha_t).any()):
         raise ValueError("prev_timestep must be less noisy than timestep (alphas_cumprod[prev] >= alphas_cumprod[t]).")
 
-    # 2. predicted x0 and eps ("predicted x_0" of DDIM eq. 12)
-    x0, eps = to_x0_eps(model_output, sample, alpha_t, prediction_type)
-
-    # 3. variance sigma^2 and the coefficient c of eps in the mean
+    # 2. variance sigma^2 and the coefficient c of eps in the mean
     if noise_schedule == "gddim":
         # r = SNR_t / SNR_p, written so that a_p = 1 (the final step) gives r = 0 rather than inf / inf
         r = alpha_t * (1.0 - alpha_p) / ((1.0 - alpha_t) * alpha_p)
@@ -145,8 +145,11 @@ def gddim_step(
             )
         eps_coef = room.sqrt()
 
+    # 3. predicted x0 and eps ("predicted x_0" of DDIM eq. 12)
+    x0, eps = to_x0_eps(model_output, sample, per_sample(alpha_t, sample), prediction_type)
+
     # 4. mean of x_p ("direction pointing to x_t", DDIM eq. 12) and its std
-    mean = alpha_p.sqrt() * x0 + eps_coef * eps
+    mean = per_sample(alpha_p.sqrt(), sample) * x0 + per_sample(eps_coef, sample) * eps
     std = variance.clamp(min=0.0).sqrt()
 
     # 5. sample (or take the stored sample) and score it

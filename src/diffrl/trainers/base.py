@@ -29,6 +29,7 @@ from diffrl.config import Config, ConfigError
 from diffrl.evaluation import evaluate_with_config
 from diffrl.rewards import Reward, weighted_sum
 from diffrl.rewards.combine import to_uint8
+from diffrl.rewards.server import RemoteReward
 from diffrl.sampling.rollout import Trajectory, moving_window, rollout, select_embeds
 from diffrl.trainers.common import (
     PolicyLoss,
@@ -176,6 +177,8 @@ class Trainer:
         self.policy.denoiser, self.optimizer, self.lr_scheduler = self.accelerator.prepare(
             self.policy.model, optimizer, scheduler
         )
+        if config.model.compile:  # compile what forward passes call: the (possibly DDP-wrapped) network
+            self.policy.denoiser = torch.compile(self.policy.denoiser)
         self.start_epoch = 0
         self.global_step = 0
         self.extra_state: dict = {}
@@ -206,6 +209,7 @@ class Trainer:
         worker thread while the next one is sampled (scores are the same either way)."""
         cfg = self.config.sample
         self.policy.denoiser.eval()
+        overlap = self.overlap_scoring()
         trajectories, scored = [], []
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward") as pool:
             for batch in range(cfg.num_batches_per_epoch):
@@ -227,7 +231,7 @@ class Trainer:
                 )
                 trajectories.append(trajectory)
                 metadata = [{"epoch": epoch} for _ in prompts]
-                if self.config.reward.overlap:
+                if overlap:
                     scored.append(pool.submit(self.reward.score, trajectory.images, prompts, metadata, batch))
                 else:
                     scored.append(self.reward.score(trajectory.images, prompts, metadata, batch))
@@ -240,6 +244,16 @@ class Trainer:
         )
         self._check_log_probs(samples, epoch)
         return samples
+
+    def overlap_scoring(self) -> bool:
+        """Whether rewards are scored in a worker thread while sampling goes on (``reward.overlap``). 'auto' overlaps
+        when sampling runs on an accelerator or a reward is a server; on a CPU an in-process reward competes with
+        the sampler for the same cores and slows it (docs/performance.md), so it scores inline there."""
+        overlap = self.config.reward.overlap
+        if overlap != "auto":
+            return bool(overlap)
+        remote = any(isinstance(fn, RemoteReward) for fn, _ in self.reward.rewards.values())
+        return self.accelerator.device.type != "cpu" or remote
 
     def _check_log_probs(self, samples: Samples, epoch: int) -> None:
         """A NaN/inf log-probability of a stochastic step raises (naming the step), or drops the sample (skip)."""
@@ -331,17 +345,18 @@ class Trainer:
         torch.manual_seed(derived_seed(cfg.seed, epoch, self.rank, 2))  # LoRA dropout
         self.policy.denoiser.train()
         stats: dict[str, list[float]] = {}
-        skipped, bad_window = 0, False
+        skipped = 0
         first_step_ratios: list[torch.Tensor] = []
         if cfg.check_on_policy:
             stats["on_policy_max_abs_ratio_minus_1"] = [self._check_on_policy(samples, keep, advantages, epoch)]
         for inner in range(cfg.num_inner_epochs):
+            # row and step indices stay on the host: the step maths reads the schedule there (no device sync)
             order = keep[torch.randperm(len(keep), generator=generator)][:usable]
             steps = subsample_timesteps(samples.trajectory.sde_mask, len(order), cfg.timestep_fraction, generator)
-            steps = steps.to(self.accelerator.device)
             num_micro = len(order) // micro
+            window: list[tuple[dict[str, torch.Tensor], torch.Tensor]] = []  # this optimizer step's losses
             for m in range(num_micro):
-                rows = order[m * micro : (m + 1) * micro].to(self.accelerator.device)
+                rows = order[m * micro : (m + 1) * micro]
                 cols = steps[m * micro : (m + 1) * micro]
                 last_micro = (m + 1) % cfg.gradient_accumulation_steps == 0
                 for k in range(cols.shape[1]):
@@ -349,20 +364,24 @@ class Trainer:
                     context = contextlib.nullcontext() if sync else self.accelerator.no_sync(self.policy.denoiser)
                     with context:
                         loss, kl, _ = self.step_loss(samples, rows, cols[:, k], advantages[rows])
-                        where = f" (sampling step {cols[:, k].tolist()})"
-                        bad_window |= not self._finite(loss.loss, "loss", epoch, where)
-                        # a skipped window still runs backward so that every process joins the gradient all-reduce
+                        # a non-finite loss still runs backward so that every process joins the gradient
+                        # all-reduce; it is found (and the step skipped or the run stopped) before the update
                         self.accelerator.backward(loss.loss / (cfg.gradient_accumulation_steps * cols.shape[1]))
+                    values = {
+                        "loss": loss.loss, "ratio": loss.ratio_mean, "clip_fraction": loss.clip_fraction,
+                        "approx_kl": loss.approx_kl, "kl": kl,
+                    }  # fmt: skip
+                    window.append(({name: v.detach() for name, v in values.items()}, cols[:, k]))
                     if inner == 0 and m < cfg.gradient_accumulation_steps:
                         first_step_ratios.append(loss.ratio_mean.detach())
-                    for name, value in (
-                        ("loss", loss.loss), ("ratio", loss.ratio_mean), ("clip_fraction", loss.clip_fraction),
-                        ("approx_kl", loss.approx_kl), ("kl", kl),
-                    ):  # fmt: skip
-                        if not bad_window:
-                            stats.setdefault(name, []).append(value.item())
                 if last_micro:
                     grad_norm = self.accelerator.clip_grad_norm_(self.params, cfg.max_grad_norm)
+                    # one device sync per optimizer step: the window's statistics and the gradient norm together
+                    names = list(window[0][0])
+                    table = torch.stack([torch.stack([v[n].float() for n in names]) for v, _ in window])
+                    host = torch.cat([table.flatten(), torch.as_tensor(grad_norm).float().reshape(1)]).cpu()
+                    table, grad_norm = host[:-1].reshape(table.shape), host[-1]
+                    bad_window = self._window_not_finite(table[:, 0], [c for _, c in window], epoch)
                     bad_window |= not self._finite(grad_norm, "gradient norm", epoch)
                     if self.world > 1:  # every process skips the same steps
                         flag = torch.tensor(float(bad_window), device=self.accelerator.device)
@@ -373,9 +392,11 @@ class Trainer:
                         self.optimizer.step()
                         self.lr_scheduler.step()
                         self.global_step += 1
+                        for j, name in enumerate(names):
+                            stats.setdefault(name, []).extend(table[:, j].tolist())
                         stats.setdefault("grad_norm", []).append(float(grad_norm))
                     self.optimizer.zero_grad(set_to_none=True)
-                    bad_window = False
+                    window = []
         result = {f"train/{name}": sum(values) / len(values) for name, values in stats.items()}
         if cfg.on_nonfinite == "skip":
             result["train/skipped_steps"] = skipped
@@ -395,13 +416,22 @@ class Trainer:
         mask = samples.trajectory.sde_mask.nonzero().flatten()
         worst = 0.0
         for start in range(0, len(keep), self.config.train.batch_size):
-            rows = keep[start : start + self.config.train.batch_size].to(self.accelerator.device)
+            rows = keep[start : start + self.config.train.batch_size]
             for step in mask.tolist():
                 cols = torch.full_like(rows, step)
                 _, _, log_prob = self.step_loss(samples, rows, cols, advantages[rows])
                 ratio = torch.exp(log_prob - samples.trajectory.log_probs[rows, cols])
                 worst = max(worst, (ratio - 1).abs().max().item())
         return worst
+
+    def _window_not_finite(self, losses: torch.Tensor, steps: list[torch.Tensor], epoch: int) -> bool:
+        """Whether any loss of an optimizer step's window (``[n]`` on the host) is non-finite; with
+        train.on_nonfinite='raise' that is an error naming the first such window's sampling steps."""
+        finite = torch.isfinite(losses)
+        if bool(finite.all()):
+            return False
+        where = f" (sampling step {steps[int((~finite).nonzero()[0])].tolist()})"
+        return not self._finite(losses, "loss", epoch, where)
 
     def _finite(self, value: torch.Tensor, what: str, epoch: int, step: str = "") -> bool:
         """Whether ``value`` is finite; with train.on_nonfinite='raise' a non-finite value is an error instead."""
