@@ -1,9 +1,11 @@
 """Sampler overhead: a diffrl rollout (with log-probabilities) against the plain diffusers pipeline call.
 
     python scripts/bench_sampler.py [--family sd,flux] [--batch 16] [--steps 20] [--guidance 2.0] [--repeats 5]
-        [--model-sd DIR] [--model-flux DIR] [--device cpu|cuda] [--json out.json]
+        [--model-sd DIR] [--model-flux DIR] [--device cpu|cuda] [--channels-last 0|1]
+        [--json out.json]
 
-Same model, prompts, seeds, steps and guidance; the pipeline runs DDIM (SD) or the flow Euler ODE (FLUX, true CFG
+Same model (the pipeline is assembled from the policy's own networks, LoRA included), prompts, seeds, steps and
+guidance; the pipeline runs DDIM (SD) or the flow Euler ODE (FLUX, true CFG
 against the empty prompt when the model has no guidance embedding). The rollout runs at eta = 0 (the same ODE; its
 images are checked against the pipeline's) and at eta = 1 (every step stochastic, log-probabilities recorded).
 Each figure is the median of ``--repeats`` interleaved timed calls after a warm-up; ratios are rollout / pipeline
@@ -19,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers import DDIMScheduler, FluxPipeline, StableDiffusionPipeline
+from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 from diffrl import policies
 from diffrl.config import Config, ModelConfig
@@ -49,10 +51,12 @@ def bench(family: str, path: str, args: argparse.Namespace) -> dict:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch)]
     seeds = list(range(args.batch))
-    config = Config(model=ModelConfig(family=family, path=path))
+    model = ModelConfig(family=family, path=path, channels_last=bool(args.channels_last))
+    config = Config(model=model)
     policy = policies.load(config, device)
+    # the pipeline runs the policy's own networks (the LoRA-adapted UNet/transformer, in the policy's memory format)
     if family == "flux":
-        pipeline = FluxPipeline.from_pretrained(path).to(device)
+        pipeline = policy.pipeline
         size = policy.resolution
         guidance = (
             {"guidance_scale": args.guidance}
@@ -61,9 +65,16 @@ def bench(family: str, path: str, args: argparse.Namespace) -> dict:
         )
         extra = {"height": size, "width": size, "max_sequence_length": policy.max_sequence_length, **guidance}
     else:
-        pipeline = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
-        pipeline = pipeline.to(device)
-        pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
+        pipeline = StableDiffusionPipeline(
+            vae=policy.vae,
+            text_encoder=policy.text_encoder,
+            tokenizer=policy.tokenizer,
+            unet=policy.unet,
+            scheduler=DDIMScheduler.from_config(policy.scheduler.config),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
         extra = {"guidance_scale": args.guidance, "eta": 0.0}
     pipeline.set_progress_bar_config(disable=True)
 
@@ -104,6 +115,7 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=2.0)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--channels-last", type=int, choices=(0, 1), default=0, help="model.channels_last (SD)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     rows = []

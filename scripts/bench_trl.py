@@ -1,6 +1,6 @@
 """diffrl against TRL's DDPOTrainer on the embedded tiny SD with the `shapes` reward, same settings.
 
-    python scripts/bench_trl.py [--epochs 10] [--seed 0] [--trl-venv runs/trl-venv] [--out runs/bench_trl]
+    python scripts/bench_trl.py [--epochs 10] [--seed 0] [--trl-venv runs/trl-venv] [--out runs/bench_trl] [--compile]
 
 TRL 0.23.1 is the last release with DDPOTrainer. The script installs it into its own venv (``--trl-venv``; the CPU
 torch pinned by constraints-cpu.txt, diffrl itself without dependencies) unless that venv already has it, then
@@ -9,10 +9,12 @@ runs, for the same number of epochs and the same samples per epoch:
 - TRL's DDPOTrainer (its LoRA: rank 4 on to_q/to_k/to_v/to_out.0; importance sampling with clipping, per-prompt
   reward normalisation, all steps stochastic, a fraction of them trained);
 - diffrl's DDPO-IS with those settings;
-- diffrl's GRPO with the same samples per epoch (groups of 4 images per prompt).
+- diffrl's GRPO with the same samples per epoch (groups of 4 images per prompt);
+- with ``--compile``, diffrl's DDPO-IS again with ``model.compile`` (its first epoch includes the compilation).
 
-It prints wall seconds per epoch (median), the ratio diffrl / TRL, the training reward over the last epochs, and
-how many samples diffrl's GRPO needed to reach the reward TRL's DDPO ends with (the mean over its last 3 epochs).
+It prints wall seconds per epoch (median; the first epoch and the total beside it), the ratio diffrl / TRL, the
+training reward over the last epochs, and how many samples diffrl's GRPO needed to reach the reward TRL's DDPO ends
+with (the mean over its last 3 epochs).
 """
 
 from __future__ import annotations
@@ -74,8 +76,8 @@ def trl_python(venv: Path) -> Path:
     return python
 
 
-def diffrl_run(out: Path, algorithm: str, epochs: int, seed: int) -> list[dict]:
-    overrides = [*DIFFRL_SETTINGS, "--train.algorithm", algorithm, "--train.epochs", str(epochs)]
+def diffrl_run(out: Path, algorithm: str, epochs: int, seed: int, extra: tuple[str, ...] = ()) -> list[dict]:
+    overrides = [*DIFFRL_SETTINGS, *extra, "--train.algorithm", algorithm, "--train.epochs", str(epochs)]
     overrides += ["--train.seed", str(seed), "--logging.output_dir", str(out)]
     if algorithm == "grpo":
         overrides += ["--train.group_size", "4"]
@@ -95,6 +97,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--trl-venv", type=Path, default=REPO / "runs" / "trl-venv")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench_trl")
+    parser.add_argument(
+        "--compile", action="store_true", help="also run DDPO-IS with model.compile (its first epoch compiles)"
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -108,6 +113,11 @@ def main() -> None:
     trl = json.loads(trl_json.read_text())["epochs"]
     ddpo = diffrl_run(args.out / f"diffrl-ddpo_is-seed{args.seed}", "ddpo_is", args.epochs, args.seed)
     grpo = diffrl_run(args.out / f"diffrl-grpo-seed{args.seed}", "grpo", args.epochs, args.seed)
+    runs = [("diffrl DDPO-IS", ddpo), ("diffrl GRPO", grpo)]
+    if args.compile:
+        compiled = ("--model.compile", "true")
+        out = args.out / f"diffrl-ddpo_is-compiled-seed{args.seed}"
+        runs.append(("diffrl DDPO-IS, compiled", diffrl_run(out, "ddpo_is", args.epochs, args.seed, compiled)))
 
     def diffrl_seconds(rows):
         return [row["time/sampling_s"] + row["time/training_s"] for row in rows]
@@ -116,7 +126,6 @@ def main() -> None:
         return sum(values[-n:]) / n
 
     trl_s = statistics.median(e["seconds"] for e in trl)
-    ddpo_s, grpo_s = statistics.median(diffrl_seconds(ddpo)), statistics.median(diffrl_seconds(grpo))
     trl_final = last([e["reward_mean"] for e in trl])
     grpo_rewards = [row["reward/mean"] for row in grpo]
     # first epoch whose 3-epoch running mean reaches TRL's final reward
@@ -124,12 +133,25 @@ def main() -> None:
         (i + 1 for i in range(2, len(grpo_rewards)) if sum(grpo_rewards[i - 2 : i + 1]) / 3 >= trl_final), None
     )
     print(f"\n{args.epochs} epochs of {SAMPLES_PER_EPOCH} samples, seed {args.seed}, this CPU:")
-    print("| trainer | s/epoch (median) | vs TRL | train reward, epoch 1 | train reward, last 3 epochs |")
-    print("|---|---|---|---|---|")
-    print(f"| TRL DDPOTrainer 0.23.1 | {trl_s:.2f} | 1.00 | {trl[0]['reward_mean']:.3f} | {trl_final:.3f} |")
-    for name, rows, seconds in (("diffrl DDPO-IS", ddpo, ddpo_s), ("diffrl GRPO", grpo, grpo_s)):
-        rewards = [row["reward/mean"] for row in rows]
-        print(f"| {name} | {seconds:.2f} | {seconds / trl_s:.2f} | {rewards[0]:.3f} | {last(rewards):.3f} |")
+    print(
+        "| trainer | s/epoch (median) | vs TRL | first epoch s | total s | train reward, epoch 1 | "
+        "train reward, last 3 epochs |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    trl_times = [e["seconds"] for e in trl]
+    print(
+        f"| TRL DDPOTrainer 0.23.1 | {trl_s:.2f} | 1.00 | {trl_times[0]:.2f} | {sum(trl_times):.1f} | "
+        f"{trl[0]['reward_mean']:.3f} | {trl_final:.3f} |"
+    )
+    summary = {"trl_s": trl_s, "trl_final": trl_final, "grpo_reached": reached}
+    for name, rows in runs:
+        rewards, seconds = [row["reward/mean"] for row in rows], diffrl_seconds(rows)
+        median = statistics.median(seconds)
+        summary[name] = {"median_s": median, "total_s": sum(seconds), "final_reward": last(rewards)}
+        print(
+            f"| {name} | {median:.2f} | {median / trl_s:.2f} | {seconds[0]:.2f} | {sum(seconds):.1f} | "
+            f"{rewards[0]:.3f} | {last(rewards):.3f} |"
+        )
     trl_samples = args.epochs * SAMPLES_PER_EPOCH
     if reached is None:
         print(f"diffrl GRPO did not reach TRL's final reward {trl_final:.3f} within {trl_samples} samples.")
@@ -139,7 +161,6 @@ def main() -> None:
             f"diffrl GRPO reached TRL's final reward {trl_final:.3f} after {samples} samples "
             f"({samples / trl_samples:.2f} of TRL's {trl_samples})."
         )
-    summary = {"trl_s": trl_s, "ddpo_s": ddpo_s, "grpo_s": grpo_s, "trl_final": trl_final, "grpo_reached": reached}
     (args.out / f"summary-seed{args.seed}.json").write_text(json.dumps(summary, indent=1))
 
 
