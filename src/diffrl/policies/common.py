@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -12,7 +13,7 @@ from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_
 from peft import LoraConfig as PeftLoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
-from diffrl.config import LoraConfig
+from diffrl.config import LoraConfig, ModelConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -49,6 +50,8 @@ class LoraModel:
     def _setup_training(self, model: torch.nn.Module, lora: LoraConfig | None) -> None:
         self.model = model
         self.lora = lora
+        # diffusers' ``dtype`` property walks every module: read it once, before the float32 LoRA weights exist
+        self.dtype = model.dtype
         if lora is None:
             model.requires_grad_(True)
             return
@@ -63,6 +66,21 @@ class LoraModel:
             )
         )
         cast_training_params(model, dtype=torch.float32)
+
+    def _apply_options(self, model: ModelConfig) -> None:
+        """The network options of ``model``: gradient checkpointing, channels-last weights (only 4-D weights change,
+        so a transformer is unaffected), and ``torch.compile`` of what forward passes call."""
+        if model.gradient_checkpointing:
+            self.model.enable_gradient_checkpointing()
+        if model.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        if model.compile:
+            self.denoiser = torch.compile(self.denoiser)
+
+    @cached_property
+    def negative_embeds(self):
+        """The empty prompt's encoding (the unconditional half of classifier-free guidance), batch of one."""
+        return self.encode_prompts([""])
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]

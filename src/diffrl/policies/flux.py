@@ -55,7 +55,6 @@ class FluxPolicy(LoraModel):
         self.pipeline = pipeline  # its encode_prompt, packing and latent ids are used as they are
         self.vae = pipeline.vae
         self.transformer = pipeline.transformer.to(self.device)
-        self.dtype = self.transformer.dtype  # diffusers' ``dtype`` property walks every module: read it once
         self.denoiser = self.transformer  # what forward passes call; a trainer may swap in a DDP-wrapped model
         self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipeline.scheduler.config)
         self.max_sequence_length = max_sequence_length or min(pipeline.tokenizer_2.model_max_length, 512)
@@ -72,7 +71,6 @@ class FluxPolicy(LoraModel):
         )
         self._prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._schedules: dict[int, FluxSchedule] = {}
-        self._negative: tuple[torch.Tensor, torch.Tensor] | None = None  # the empty prompt's encoding
 
     @classmethod
     def load(cls, model: ModelConfig, lora: LoraConfig, device: torch.device | str = "cpu") -> FluxPolicy:
@@ -82,10 +80,7 @@ class FluxPolicy(LoraModel):
         policy = cls(
             pipeline, None if model.full_finetune else lora, device, model.resolution, model.max_sequence_length
         )
-        if model.gradient_checkpointing:
-            policy.transformer.enable_gradient_checkpointing()
-        if model.compile:
-            policy.denoiser = torch.compile(policy.denoiser)
+        policy._apply_options(model)
         return policy
 
     # ------------------------------------------------------------------------------------------------------------
@@ -149,9 +144,7 @@ class FluxPolicy(LoraModel):
                 else None
             )
             return self._forward(latents.to(dtype), t, guidance, embeds, pooled, text_ids).float()
-        if self._negative is None:
-            self._negative = self.encode_prompts([""])
-        negative, negative_pooled = self._negative
+        negative, negative_pooled = self.negative_embeds
         out = self._forward(
             torch.cat([latents, latents]).to(dtype),
             torch.cat([t, t]),

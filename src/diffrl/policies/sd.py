@@ -49,11 +49,9 @@ class SDPolicy(LoraModel):
         self.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
         self.prediction_type = self.scheduler.config.prediction_type
         self.alphas_cumprod = self.scheduler.alphas_cumprod.cpu()  # on the host: see SDSchedule
-        self.dtype = self.unet.dtype  # diffusers' ``dtype`` property walks every module: read it once
         self.final_alpha_cumprod = float(self.scheduler.final_alpha_cumprod)
         self._setup_training(self.unet, lora)
         self._prompt_cache: dict[str, torch.Tensor] = {}
-        self._negative: torch.Tensor | None = None
         self._schedules: dict[int, SDSchedule] = {}
         vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         latent_size = resolution // vae_scale_factor if resolution else self.unet.config.sample_size
@@ -71,12 +69,7 @@ class SDPolicy(LoraModel):
             requires_safety_checker=False,
         )
         policy = cls(pipeline, None if model.full_finetune else lora, device, model.resolution)
-        if model.gradient_checkpointing:
-            policy.unet.enable_gradient_checkpointing()
-        if model.channels_last:
-            policy.unet.to(memory_format=torch.channels_last)
-        if model.compile:
-            policy.denoiser = torch.compile(policy.denoiser)
+        policy._apply_options(model)
         return policy
 
     # ------------------------------------------------------------------------------------------------------------
@@ -107,12 +100,6 @@ class SDPolicy(LoraModel):
             self._prompt_cache.update(zip(missing, embeds, strict=True))
         return torch.stack([self._prompt_cache[p] for p in prompts])
 
-    def _negative_embeds(self) -> torch.Tensor:
-        """The empty prompt's encoding ``[1, L, D]`` (the unconditional half of classifier-free guidance)."""
-        if self._negative is None:
-            self._negative = self.encode_prompts([""])
-        return self._negative
-
     def initial_latents(self, generators: list[torch.Generator]) -> torch.Tensor:
         """``x_T ~ N(0, I)``, one generator per sample, ``[B, C, h, w]`` float32."""
         shape = (len(generators), *self.latent_shape)
@@ -129,7 +116,7 @@ class SDPolicy(LoraModel):
         timesteps = torch.as_tensor(timesteps, device=self.device).expand(batch)
         if guidance_scale == 1.0:
             return self.denoiser(latents.to(self.dtype), timesteps, prompt_embeds).sample.float()
-        negative = self._negative_embeds().expand(batch, -1, -1)
+        negative = self.negative_embeds.expand(batch, -1, -1)
         model_in = torch.cat([latents, latents]).to(self.dtype)
         out = self.denoiser(model_in, torch.cat([timesteps, timesteps]), torch.cat([negative, prompt_embeds])).sample
         uncond, cond = out.float().chunk(2)

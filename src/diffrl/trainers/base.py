@@ -346,10 +346,10 @@ class Trainer:
         self.policy.denoiser.train()
         stats: dict[str, list[float]] = {}
         skipped = 0
-        first_step_ratios: list[torch.Tensor] = []
+        first_update_dev: float | None = None  # max |ratio - 1| over the first optimizer step's losses
         if cfg.check_on_policy:
             stats["on_policy_max_abs_ratio_minus_1"] = [self._check_on_policy(samples, keep, advantages, epoch)]
-        for inner in range(cfg.num_inner_epochs):
+        for _ in range(cfg.num_inner_epochs):
             # row and step indices stay on the host: the step maths reads the schedule there (no device sync)
             order = keep[torch.randperm(len(keep), generator=generator)][:usable]
             steps = subsample_timesteps(samples.trajectory.sde_mask, len(order), cfg.timestep_fraction, generator)
@@ -372,8 +372,6 @@ class Trainer:
                         "approx_kl": loss.approx_kl, "kl": kl,
                     }  # fmt: skip
                     window.append(({name: v.detach() for name, v in values.items()}, cols[:, k]))
-                    if inner == 0 and m < cfg.gradient_accumulation_steps:
-                        first_step_ratios.append(loss.ratio_mean.detach())
                 if last_micro:
                     grad_norm = self.accelerator.clip_grad_norm_(self.params, cfg.max_grad_norm)
                     # one device sync per optimizer step: the window's statistics and the gradient norm together
@@ -381,6 +379,8 @@ class Trainer:
                     table = torch.stack([torch.stack([v[n].float() for n in names]) for v, _ in window])
                     host = torch.cat([table.flatten(), torch.as_tensor(grad_norm).float().reshape(1)]).cpu()
                     table, grad_norm = host[:-1].reshape(table.shape), host[-1]
+                    if first_update_dev is None:
+                        first_update_dev = (table[:, names.index("ratio")] - 1.0).abs().max().item()
                     bad_window = self._window_not_finite(table[:, 0], [c for _, c in window], epoch)
                     bad_window |= not self._finite(grad_norm, "gradient norm", epoch)
                     if self.world > 1:  # every process skips the same steps
@@ -401,8 +401,8 @@ class Trainer:
         if cfg.on_nonfinite == "skip":
             result["train/skipped_steps"] = skipped
             result["sample/nonfinite_log_probs"] = samples.nonfinite_log_probs
-        if first_step_ratios:
-            result["train/ratio_first_update_max_abs_dev"] = max(abs(r.item() - 1.0) for r in first_step_ratios)
+        if first_update_dev is not None:
+            result["train/ratio_first_update_max_abs_dev"] = first_update_dev
         result["train/lr"] = self.lr_scheduler.get_last_lr()[0]
         stochastic = samples.trajectory.sde_mask.nonzero().flatten()
         if len(stochastic):
