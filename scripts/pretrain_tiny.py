@@ -242,24 +242,30 @@ def train_unet(work: Path, latents: torch.Tensor, captions: list[str], args: arg
     return unet, text_encoder, tokenizer
 
 
+def add_joint_training_args(parser: argparse.ArgumentParser, networks: str) -> None:
+    """The options both pretraining scripts share; :func:`train_jointly` reads --lr, --ema-decay and
+    --checkpoint-every."""
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-scenes", type=int, default=40_000)
+    parser.add_argument("--batch", type=int, default=128, help="scenes per step")
+    parser.add_argument("--lr", type=float, default=5e-4, help=f"peak learning rate of {networks}")
+    parser.add_argument("--ema-decay", type=float, default=0.999)
+    parser.add_argument("--empty-caption-prob", type=float, default=0.1)
+    parser.add_argument("--checkpoint-every", type=int, default=250, help="steps between checkpoints")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("src/diffrl/tiny/sd"), help="where the model is saved")
     parser.add_argument("--work", type=Path, default=Path("runs/pretrain_tiny"), help="data and checkpoints")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-scenes", type=int, default=40_000)
+    add_joint_training_args(parser, "the UNet and text encoder")
     parser.add_argument("--vae-steps", type=int, default=1200)
     parser.add_argument("--vae-batch", type=int, default=32)
     parser.add_argument("--vae-lr", type=float, default=1e-3)
     parser.add_argument("--vae-kl", type=float, default=1e-5, help="weight of the VAE's KL term")
     parser.add_argument("--unet-steps", type=int, default=1250)
-    parser.add_argument("--batch", type=int, default=128, help="UNet batch size (scenes per step)")
-    parser.add_argument("--lr", type=float, default=5e-4, help="peak learning rate of the UNet and text encoder")
-    parser.add_argument("--ema-decay", type=float, default=0.999)
     parser.add_argument("--snr-gamma", type=float, default=5.0)
-    parser.add_argument("--empty-caption-prob", type=float, default=0.1)
-    parser.add_argument("--checkpoint-every", type=int, default=250, help="steps between checkpoints")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)

@@ -15,7 +15,6 @@ rectified-flow loss. Stages, each resumable (re-run the same command after an in
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from diffrl.tiny import tiny_model_path
 from diffrl.tiny.build import MAX_TOKENS, build_flux_transformer, build_t5_encoder, flux_pipeline
-from pretrain_tiny import encode_latents, render_dataset, train_jointly
+from pretrain_tiny import add_joint_training_args, encode_latents, render_dataset, train_jointly
 
 
 def shared_parts() -> tuple[AutoencoderKL, CLIPTextModel, CLIPTokenizer]:
@@ -98,15 +97,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("src/diffrl/tiny/flux"), help="where the model is saved")
     parser.add_argument("--work", type=Path, default=Path("runs/pretrain_tiny_flux"), help="checkpoints")
     parser.add_argument("--data", type=Path, default=Path("runs/pretrain_tiny"), help="scenes (shared with SD)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-scenes", type=int, default=40_000)
+    add_joint_training_args(parser, "the transformer and T5")
     parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument("--batch", type=int, default=128, help="scenes per step")
-    parser.add_argument("--lr", type=float, default=5e-4, help="peak learning rate of the transformer and T5")
-    parser.add_argument("--ema-decay", type=float, default=0.999)
-    parser.add_argument("--empty-caption-prob", type=float, default=0.1)
-    parser.add_argument("--checkpoint-every", type=int, default=250, help="steps between checkpoints")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
