@@ -3,7 +3,8 @@
     python scripts/bench_tiny_rl.py --recipe recipes/grpo_tiny.py --seeds 0,1,2 [--section.key value ...]
 
 For each seed it trains the recipe (overrides apply), then evaluates the base model and the trained LoRA with
-deterministic sampling (eta = 0) on the held-out prompts and on as many training prompts, from the same noise.
+deterministic sampling (eta = 0) on the held-out prompts and on as many images of the recipe's training prompts
+(a random subset of a large set; a small set repeated, each repeat from its own noise), from the same noise.
 Prints a table and writes ``<out>/bench.json``.
 """
 
@@ -23,8 +24,9 @@ from diffrl.cli import load_recipe
 from diffrl.config import apply_overrides
 from diffrl.evaluation import evaluate
 from diffrl.rewards import weighted_sum
-from diffrl.tiny.world import load_prompts
+from diffrl.tiny.world import load_prompts as load_tiny_prompts
 from diffrl.trainers import train
+from diffrl.trainers.base import load_prompts
 
 
 def ode_reward(config, adapter: Path | None, prompts: list[str], steps: int) -> tuple[float, float]:
@@ -39,6 +41,14 @@ def ode_reward(config, adapter: Path | None, prompts: list[str], steps: int) -> 
     return result.mean("shapes", 0.0), result.stderr("shapes", 0.0)
 
 
+def evaluation_sample(prompts: list[str], size: int) -> list[str]:
+    """``size`` of the recipe's training prompts: a random subset of a large set; a small set is repeated (each
+    repeat is sampled from its own noise), so both evaluations score as many images."""
+    if len(prompts) >= size:
+        return random.Random(0).sample(prompts, size)
+    return [prompts[i % len(prompts)] for i in range(size)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="recipes/grpo_tiny.py")
@@ -46,10 +56,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/bench_tiny_rl"))
     parser.add_argument("--eval-steps", type=int, default=20)
     args, overrides = parser.parse_known_args()
-    heldout = load_prompts("heldout")
-    train_prompts = random.Random(0).sample(load_prompts("train"), len(heldout))
+    heldout = load_tiny_prompts("heldout")
     rows = []
     base_config = apply_overrides(load_recipe(args.recipe)(), overrides)
+    train_prompts = evaluation_sample(load_prompts(base_config.prompts.train), len(heldout))
     base = {
         "heldout": ode_reward(base_config, None, heldout, args.eval_steps),
         "train": ode_reward(base_config, None, train_prompts, args.eval_steps),

@@ -221,6 +221,11 @@ class TrainConfig:
     timestep_fraction: float = _help("fraction of the stochastic steps trained per trajectory", default=1.0)
     group_size: int = _help("GRPO: images per prompt (K)", default=4)
     same_noise_in_group: bool = _help("GRPO: the K images of a prompt start from the same noise", default=False)
+    advantage_scale: Literal["group", "batch", "none"] = _help(
+        "GRPO: what divides r - group mean: 'group' its group's std, 'batch' the epoch's global reward std "
+        "(steadier for small groups), 'none' nothing (Dr. GRPO)",
+        default="group",
+    )
     kl_coef: float = _help("weight of the KL to the reference (LoRA disabled) policy", default=0.0)
     stat_buffer_size: int = _help("DDPO: rewards kept per prompt for normalisation, across epochs", default=32)
     stat_min_count: int = _help("DDPO: below this many rewards a prompt uses the batch statistics", default=16)
@@ -260,6 +265,10 @@ class TrainConfig:
         _require(
             self.lr_schedule in ("constant", "cosine"),
             f"train.lr_schedule must be 'constant' or 'cosine'; got {self.lr_schedule!r}.",
+        )
+        _require(
+            self.advantage_scale in ("group", "batch", "none"),
+            f"train.advantage_scale must be 'group', 'batch' or 'none'; got {self.advantage_scale!r}.",
         )
         _require(self.stat_buffer_size >= 1, f"train.stat_buffer_size must be >= 1; got {self.stat_buffer_size}.")
         _require(

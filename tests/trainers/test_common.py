@@ -63,6 +63,19 @@ def test_group_advantages():
         group_advantages(rewards, group_size=4)
 
 
+def test_group_advantages_scaled_by_the_batch_std_or_not_at_all():
+    rewards = torch.tensor([0.50, 0.51, 0.0, 1.0])
+    by_group = group_advantages(rewards, group_size=2)
+    small, large = 0.005 / (0.005 + EPS), 0.5 / (0.5 + EPS)  # a 0.01 difference counts almost as much as 1
+    assert by_group.tolist() == pytest.approx([-small, small, -large, large], rel=1e-5)
+    by_batch = group_advantages(rewards, group_size=2, scale="batch", batch_std=0.25)
+    assert by_batch.tolist() == pytest.approx([-0.02, 0.02, -2.0, 2.0], rel=1e-3)
+    unscaled = group_advantages(rewards, group_size=2, scale="none")
+    assert unscaled.tolist() == pytest.approx([-0.005, 0.005, -0.5, 0.5], rel=1e-4)
+    with pytest.raises(ValueError, match="needs batch_std"):
+        group_advantages(rewards, group_size=2, scale="batch")
+
+
 def test_group_advantages_leave_out_dropped_samples():
     rewards = torch.tensor([1.0, float("nan"), 3.0, 0.0])
     valid = torch.tensor([True, False, True, True])

@@ -14,7 +14,7 @@ from tiny_run import small_config
 
 from diffrl.config import apply_overrides
 from diffrl.trainers import GRPOTrainer, make_trainer, train
-from diffrl.trainers.common import group_advantages
+from diffrl.trainers.common import EPS, group_advantages
 
 HELPER = Path(__file__).resolve().parents[1] / "helpers" / "tiny_run.py"
 
@@ -53,6 +53,20 @@ def test_kl_to_the_reference_is_zero_before_and_positive_after_updates(random_sd
     first, second = read_metrics(tmp_path)
     assert second["train/kl"] > 0.0
     assert first["train/kl"] >= 0.0
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_grpo_advantages_are_scaled_as_configured(random_sd_dir, tmp_path, scale):
+    config = apply_overrides(small_config(str(random_sd_dir), str(tmp_path)), ["--train.advantage_scale", scale])
+    trainer = GRPOTrainer(config, reward=lambda images, prompts, metadata: images.mean(dim=(1, 2, 3)))
+    samples = trainer.sample_epoch(0, trainer.epoch_sampler(0))
+    advantages = trainer.advantages(samples, trainer.gather_rewards(samples))
+    groups = samples.rewards.view(-1, config.train.group_size)
+    centred = (groups - groups.mean(dim=1, keepdim=True)).flatten()
+    divisor = {"group": groups.std(dim=1, unbiased=False).repeat_interleave(config.train.group_size) + EPS,
+               "batch": samples.rewards.std(unbiased=False) + EPS, "none": torch.tensor(1.0)}[scale]  # fmt: skip
+    assert torch.allclose(advantages, centred / divisor, rtol=1e-3, atol=1e-6)
+    trainer.finish()
 
 
 def test_reward_callable_from_python(random_sd_dir, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -54,21 +55,36 @@ class PerPromptStatTracker:
         self.buffers = {p: deque(v, maxlen=self.buffer_size) for p, v in state["buffers"].items()}
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, valid: torch.Tensor | None = None) -> torch.Tensor:
-    """GRPO: ``(r - mean_group) / (std_group + eps)`` for consecutive groups of ``group_size``: ``[N] -> [N]``.
+def group_advantages(
+    rewards: torch.Tensor,
+    group_size: int,
+    valid: torch.Tensor | None = None,
+    *,
+    scale: Literal["group", "batch", "none"] = "group",
+    batch_std: float | None = None,
+) -> torch.Tensor:
+    """GRPO: ``(r - mean_group) / s`` for consecutive groups of ``group_size``: ``[N] -> [N]``.
 
-    Samples where ``valid`` is False (dropped rewards) are left out of their group's statistics and get 0.
+    ``scale`` picks ``s``: ``"group"`` the group's own std (GRPO), ``"batch"`` the std of the whole global batch,
+    given as ``batch_std`` (Flow-GRPO's global std: a group whose rewards are nearly equal keeps small advantages
+    instead of having its noise blown up to unit size), ``"none"`` 1 (Dr. GRPO). Samples where ``valid`` is False
+    (dropped rewards) are left out of their group's statistics and get 0.
     """
     if rewards.ndim != 1 or rewards.shape[0] % group_size != 0:
         raise ValueError(f"rewards of shape {tuple(rewards.shape)} do not split into groups of {group_size}.")
+    if scale == "batch" and batch_std is None:
+        raise ValueError("scale='batch' needs batch_std, the std of the global batch's rewards.")
     valid = torch.ones_like(rewards, dtype=torch.bool) if valid is None else valid
     groups = torch.where(valid, rewards, torch.zeros_like(rewards)).double().view(-1, group_size)
     weights = valid.double().view(-1, group_size)
     count = weights.sum(dim=1, keepdim=True).clamp(min=1)
     mean = (groups * weights).sum(dim=1, keepdim=True) / count
-    std = (((groups - mean) ** 2 * weights).sum(dim=1, keepdim=True) / count).sqrt()
-    advantages = ((groups - mean) / (std + EPS)) * weights
-    return advantages.view(-1).float()
+    centred = (groups - mean) * weights
+    if scale == "group":
+        centred = centred / ((centred**2).sum(dim=1, keepdim=True) / count).sqrt().add(EPS)
+    elif scale == "batch":
+        centred = centred / (batch_std + EPS)
+    return centred.view(-1).float()
 
 
 def clip_advantages(advantages: torch.Tensor, max_abs: float) -> torch.Tensor:

@@ -12,7 +12,7 @@ import random
 
 import torch
 
-from diffrl.trainers.base import Trainer, derived_seed
+from diffrl.trainers.base import GatheredRewards, Samples, Trainer, derived_seed
 from diffrl.trainers.common import clip_advantages, group_advantages
 
 PROMPTS, NOISE = 101, 102  # purposes mixed into derived seeds
@@ -37,6 +37,18 @@ class GRPOTrainer(Trainer):
 
         return batch
 
+    def advantages(self, samples: Samples, gathered: GatheredRewards) -> torch.Tensor:
+        """Each sample's reward relative to its group (groups are never split across processes), scaled as
+        ``train.advantage_scale`` says (``"batch"``: by the std of every process's rewards), then clipped."""
+        cfg = self.config.train
+        batch_std = None
+        if cfg.advantage_scale == "batch":
+            batch_std = gathered.rewards[gathered.valid].std(unbiased=False).item()
+        advantages = group_advantages(
+            samples.rewards, cfg.group_size, samples.valid, scale=cfg.advantage_scale, batch_std=batch_std
+        )
+        return clip_advantages(advantages, cfg.adv_clip_max)
+
     def train(self) -> None:
         cfg = self.config
         self.evaluate_base_policy()
@@ -49,8 +61,8 @@ class GRPOTrainer(Trainer):
             sampling_seconds = timer.lap()
 
             # ADVANTAGES: relative to the group of the same prompt
-            advantages = group_advantages(samples.rewards, cfg.train.group_size, samples.valid)
-            advantages = clip_advantages(advantages, cfg.train.adv_clip_max)
+            gathered = self.gather_rewards(samples)
+            advantages = self.advantages(samples, gathered)
 
             # TRAINING: inner epochs of clipped updates
             metrics = self.train_epoch(epoch, samples, advantages)
@@ -58,7 +70,7 @@ class GRPOTrainer(Trainer):
             metrics["time/training_s"] = timer.lap()
 
             # LOG, EVALUATE, CHECKPOINT
-            metrics.update(self.reward_metrics(self.gather_rewards(samples)))
+            metrics.update(self.reward_metrics(gathered))
             metrics.update(self.maybe_evaluate(epoch + 1, final))
             self.log(epoch + 1, metrics)
             self.maybe_checkpoint(epoch + 1, final)
