@@ -28,7 +28,9 @@ def config() -> Config:
             num_steps=20, guidance_scale=2.0, eta=1.0, sde_window=(0, 8), batch_size=32, num_batches_per_epoch=2
         ),
         reward=RewardConfig(spec="shapes"),
-        prompts=PromptConfig(train="tiny:train", eval="tiny:heldout"),
+        # 32 fixed training prompts (8 of each kind, drawn from tiny:train), so that every prompt is seen about twice
+        # an epoch and its own reward statistics (the per-prompt buffer) replace the batch's after two epochs
+        prompts=PromptConfig(train="recipes/prompts/shapes_train32.txt", eval="tiny:heldout"),
         train=TrainConfig(
             algorithm="ddpo_is",
             epochs=40,
