@@ -24,7 +24,6 @@ from diffrl.cli import load_recipe
 from diffrl.config import apply_overrides
 from diffrl.evaluation import evaluate
 from diffrl.rewards import weighted_sum
-from diffrl.tiny.world import load_prompts as load_tiny_prompts
 from diffrl.trainers import train
 from diffrl.trainers.base import load_prompts
 
@@ -56,7 +55,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/bench_tiny_rl"))
     parser.add_argument("--eval-steps", type=int, default=20)
     args, overrides = parser.parse_known_args()
-    heldout = load_tiny_prompts("heldout")
+    heldout = load_prompts("tiny:heldout")
     rows = []
     base_config = apply_overrides(load_recipe(args.recipe)(), overrides)
     train_prompts = evaluation_sample(load_prompts(base_config.prompts.train), len(heldout))

@@ -6,7 +6,8 @@ from diffrl.cli import load_recipe, main
 from diffrl.config import Config
 from diffrl.trainers.base import load_prompts
 
-RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.py"))
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = sorted((REPO / "recipes").glob("*.py"))
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
@@ -41,7 +42,7 @@ def test_cli_prints_the_resolved_config_and_rejects_bad_overrides(capsys):
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
 def test_every_recipe_names_prompts_that_load_and_tiny_ones_train_on_no_held_out_prompt(recipe, monkeypatch):
-    monkeypatch.chdir(RECIPES[0].parents[1])  # recipes name their prompt files relative to the repository
+    monkeypatch.chdir(REPO)  # recipes name their prompt files relative to the repository
     config = load_recipe(str(recipe))()
     train_prompts = load_prompts(config.prompts.train)
     assert train_prompts and load_prompts(config.prompts.eval)

@@ -381,7 +381,7 @@ class Trainer:
                     table, grad_norm = host[:-1].reshape(table.shape), host[-1]
                     if first_update_dev is None:
                         first_update_dev = (table[:, names.index("ratio")] - 1.0).abs().max().item()
-                    bad_window = self._window_not_finite(table[:, 0], [c for _, c in window], epoch)
+                    bad_window = self._window_not_finite(table[:, names.index("loss")], [c for _, c in window], epoch)
                     bad_window |= not self._finite(grad_norm, "gradient norm", epoch)
                     if self.world > 1:  # every process skips the same steps
                         flag = torch.tensor(float(bad_window), device=self.accelerator.device)
