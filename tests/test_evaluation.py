@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from diffrl.config import LoraConfig, ModelConfig
-from diffrl.evaluation import EvalResult, evaluate
+from diffrl.evaluation import EvalResult, evaluate, noise_variance
 from diffrl.policies.sd import SDPolicy
 from diffrl.rewards import weighted_sum
 
@@ -53,3 +53,33 @@ def test_evaluate_scores_every_eta_from_the_same_noise(random_sd_dir):
         policy, ["a red circle"], weighted_sum({mean_pixel: 1.0}), etas=(0.0,), num_steps=4, guidance_scale=2.0
     )
     assert again.mean("mean_pixel", 0.0) == pytest.approx(images[0.0][0].mean().item(), abs=1e-6)
+
+
+def test_noise_variance_splits_a_prompts_variance_by_where_the_noise_enters(random_sd_dir):
+    policy = SDPolicy.load(ModelConfig(path=str(random_sd_dir)), LoraConfig())
+    prompts = ["a red circle", "two blue squares"]
+    kwargs = {"num_steps": 4, "guidance_scale": 2.0, "initial_noises": 2, "step_noises": 3}
+
+    def mean_pixel(images, prompts, metadata):
+        return images.mean(dim=(1, 2, 3))
+
+    reward = weighted_sum({mean_pixel: 1.0})
+    (ode,) = noise_variance(policy, prompts, reward, [None], eta=0.0, **kwargs)
+    assert ode.step_var == 0.0 and ode.prompt_var > 0  # no step noise: images differ only by the initial noise
+    window, full = noise_variance(policy, prompts, reward, [(0, 2), None], eta=1.2, **kwargs)
+    assert window.sde_window == (0, 2) and window.step_var > 0 and full.step_var > 0
+
+    # the arithmetic, on rewards 0..5 in sampling order: one prompt, 2 initial noises x 3 step noises
+    def in_order(images, prompts, metadata):
+        return torch.arange(len(images), dtype=torch.float32)
+
+    (row,) = noise_variance(policy, prompts[:1], weighted_sum({in_order: 1.0}), [(0, 1)], eta=1.0, **kwargs)
+    assert row.step_var == pytest.approx(1.0)  # var(0, 1, 2) = var(3, 4, 5) = 1
+    assert row.prompt_var == pytest.approx(3.5)  # var(0..5)
+    assert row.step_share == pytest.approx(1.0 / 3.5) and row.mean == pytest.approx(2.5)
+
+    def dropped(images, prompts, metadata):
+        return torch.full((len(images),), float("nan"))
+
+    with pytest.raises(ValueError, match="dropped 6 of 6"):
+        noise_variance(policy, prompts[:1], weighted_sum({dropped: 1.0}, on_invalid="drop"), [None], **kwargs)

@@ -60,6 +60,14 @@ class EvalResult:
         return metrics
 
 
+def _rollouts(policy, prompts: list[str], seeds: list[int], batch_size: int, step_seeds=None, **kwargs):
+    """:func:`rollout` over ``prompts`` in batches of ``batch_size``: yields each batch's trajectory."""
+    for start in range(0, len(prompts), batch_size):
+        end = start + batch_size
+        batch_step_seeds = None if step_seeds is None else step_seeds[start:end]
+        yield rollout(policy, prompts[start:end], seeds[start:end], step_seeds=batch_step_seeds, **kwargs)
+
+
 @torch.no_grad()
 def evaluate(
     policy,
@@ -89,16 +97,10 @@ def evaluate(
     for eta in etas:
         parts: dict[str, list[torch.Tensor]] = {}
         images = []
-        for start in range(0, len(prompts), batch_size):
-            trajectory = rollout(
-                policy,
-                prompts[start : start + batch_size],
-                seeds[start : start + batch_size],
-                eta=eta,
-                num_steps=num_steps,
-                guidance_scale=guidance_scale,
-                noise_schedule=noise_schedule,
-            )
+        for trajectory in _rollouts(
+            policy, prompts, seeds, batch_size, eta=eta, num_steps=num_steps, guidance_scale=guidance_scale,
+            noise_schedule=noise_schedule,
+        ):  # fmt: skip
             out = reward.score(trajectory.images, trajectory.prompts, [{} for _ in trajectory.prompts])
             for name, values in out.parts.items():
                 parts.setdefault(name, []).append(values)
@@ -138,3 +140,83 @@ def evaluate_with_config(
         noise_schedule=config.sample.noise_schedule,
         images_out=images_out,
     )
+
+
+@dataclass
+class NoiseVariance:
+    """Where the reward's variance comes from when only ``sde_window``'s steps are stochastic.
+
+    Attributes:
+        sde_window: the stochastic steps ``[start, end)`` (``None``: every step).
+        mean: the mean reward of every sample.
+        step_var: the variance between samples of the same prompt and the same initial noise (so from the window's
+            step noise alone), averaged over prompts and initial noises.
+        prompt_var: the variance between samples of the same prompt (initial and step noise), averaged over prompts.
+    """
+
+    sde_window: tuple[int, int] | None
+    mean: float
+    step_var: float
+    prompt_var: float
+
+    @property
+    def step_share(self) -> float:
+        """The fraction of a prompt's reward variance that the window's steps explain: the part a policy gradient on
+        those steps can assign credit for (GRPO's advantages are computed within a prompt)."""
+        return self.step_var / self.prompt_var if self.prompt_var > 0 else float("nan")
+
+
+@torch.no_grad()
+def noise_variance(
+    policy,
+    prompts: list[str],
+    reward: WeightedSum,
+    windows: list[tuple[int, int] | None],
+    *,
+    eta: float = 1.0,
+    num_steps: int = 20,
+    guidance_scale: float = 4.0,
+    noise_schedule: str = "gddim",
+    initial_noises: int = 2,
+    step_noises: int = 4,
+    seed: int = 1234,
+    batch_size: int = 32,
+) -> list[NoiseVariance]:
+    """For each SDE window, sample every prompt from ``initial_noises`` initial noises times ``step_noises`` step
+    noises and split the reward's variance into the part the window's step noise explains and the whole
+    within-prompt variance (sample variances, ``n - 1`` denominators). A window whose steps explain most of the
+    variance is one where trained steps decide the reward; see ``scripts/reward_variance.py``."""
+    if initial_noises < 1 or step_noises < 2:
+        raise ValueError(
+            f"noise_variance needs initial_noises >= 1 and step_noises >= 2; got {initial_noises} and {step_noises}."
+        )
+    a, b = initial_noises, step_noises
+    expanded = [p for p in prompts for _ in range(a * b)]
+    # the initial noise depends on (prompt, a), the step noise on (prompt, a, b)
+    seeds = [seed + (i // b) for i in range(len(expanded))]
+    step_seeds = [seed + 1_000_003 + i for i in range(len(expanded))]
+    rows = []
+    for window in windows:
+        rewards = []
+        for trajectory in _rollouts(
+            policy, expanded, seeds, batch_size, step_seeds=step_seeds, eta=eta, num_steps=num_steps,
+            guidance_scale=guidance_scale, noise_schedule=noise_schedule, sde_window=window,
+        ):  # fmt: skip
+            metadata = [{} for _ in trajectory.prompts]
+            rewards.append(reward.score(trajectory.images, trajectory.prompts, metadata).total.float().cpu())
+        r = torch.cat(rewards)
+        if r.isnan().any():
+            raise ValueError(
+                f"the reward dropped {int(r.isnan().sum())} of {len(r)} samples (NaN) under sde_window {window}; "
+                "noise_variance needs every sample scored: fix the reward or leave out the prompts it cannot score."
+            )
+        r = r.view(len(prompts), a, b)
+        rows.append(
+            NoiseVariance(
+                sde_window=window,
+                mean=r.mean().item(),
+                step_var=r.var(dim=2).mean().item(),
+                prompt_var=r.view(len(prompts), a * b).var(dim=1).mean().item(),
+            )
+        )
+    return rows
