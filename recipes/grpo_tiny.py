@@ -22,26 +22,30 @@ def config() -> Config:
     return Config(
         model=ModelConfig(family="sd", path="tiny"),
         lora=LoraConfig(rank=8, alpha=8.0),
-        # only the first 8 of 20 steps are stochastic and trained: the layout (which shapes, where) is decided
-        # there, so the reward's variance within a batch comes from the steps that are trained
+        # only the first of the 20 steps is stochastic and trained. One DDPM-like step at the start re-draws the
+        # layout (which shapes, how many, where) about as much as eight such steps do, so the reward's variance
+        # within a group comes from the one step the update trains: the clearest credit assignment, and training
+        # costs one forward/backward pass per image (docs/learning.md)
         sample=SampleConfig(
-            num_steps=20, guidance_scale=2.0, eta=1.0, sde_window=(0, 8), batch_size=32, num_batches_per_epoch=4
+            num_steps=20, guidance_scale=2.0, eta=1.0, sde_window=(0, 1), batch_size=32, num_batches_per_epoch=4
         ),
         reward=RewardConfig(spec="shapes"),
-        prompts=PromptConfig(train="tiny:train", eval="tiny:heldout"),
+        # 32 fixed training prompts (8 of each kind, from tiny:train): each is drawn about once an epoch
+        prompts=PromptConfig(train="recipes/prompts/shapes_train32.txt", eval="tiny:heldout"),
         train=TrainConfig(
             algorithm="grpo",
-            epochs=30,
-            lr=1e-3,
+            epochs=70,
+            lr=2e-3,
+            lr_schedule="cosine",
             batch_size=32,
             gradient_accumulation_steps=4,  # one update per epoch over 32 prompts x 4 images
             group_size=4,
             num_inner_epochs=1,
             clip_range=1e-2,
-            timestep_fraction=0.5,
+            timestep_fraction=1.0,
         ),
-        eval=EvalConfig(every_epochs=5, num_prompts=64, num_steps=20),
-        logging=LoggingConfig(output_dir="runs/grpo_tiny", checkpoint_every=5),
+        eval=EvalConfig(every_epochs=10, num_prompts=64, num_steps=20),
+        logging=LoggingConfig(output_dir="runs/grpo_tiny", checkpoint_every=10),
     )
 
 
