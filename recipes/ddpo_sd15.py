@@ -6,6 +6,8 @@ Batch sizes are per process (the paper used 8 GPUs: 256 samples per epoch). Need
 local copy) and the aesthetic reward's weights (``--reward.kwargs '{"aesthetic": {"model_dir": ...}}'``).
 """
 
+from pathlib import Path
+
 from diffrl.cli import recipe_main
 from diffrl.config import (
     Config,
@@ -19,6 +21,8 @@ from diffrl.config import (
     TrainConfig,
 )
 
+PROMPTS = Path(__file__).resolve().parent / "prompts"  # found from any working directory
+
 
 def config() -> Config:
     return Config(
@@ -26,7 +30,7 @@ def config() -> Config:
         lora=LoraConfig(rank=4, alpha=4.0),
         sample=SampleConfig(num_steps=50, guidance_scale=5.0, eta=1.0, batch_size=8, num_batches_per_epoch=4),
         reward=RewardConfig(spec="aesthetic"),
-        prompts=PromptConfig(train="recipes/prompts/simple_animals.txt", eval="recipes/prompts/simple_animals.txt"),
+        prompts=PromptConfig(train=str(PROMPTS / "simple_animals.txt"), eval=str(PROMPTS / "simple_animals.txt")),
         train=TrainConfig(
             algorithm="ddpo_is",
             epochs=100,

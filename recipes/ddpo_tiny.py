@@ -4,6 +4,8 @@ python recipes/ddpo_tiny.py [--sample.eta 1.2] [--train.algorithm ddpo_sf]
 accelerate launch recipes/ddpo_tiny.py
 """
 
+from pathlib import Path
+
 from diffrl.cli import recipe_main
 from diffrl.config import (
     Config,
@@ -16,6 +18,8 @@ from diffrl.config import (
     SampleConfig,
     TrainConfig,
 )
+
+PROMPTS = Path(__file__).resolve().parent / "prompts"  # found from any working directory
 
 
 def config() -> Config:
@@ -30,7 +34,7 @@ def config() -> Config:
         reward=RewardConfig(spec="shapes"),
         # 32 fixed training prompts (8 of each kind, drawn from tiny:train), so that every prompt is seen about twice
         # an epoch and its own reward statistics (the per-prompt buffer) replace the batch's after two epochs
-        prompts=PromptConfig(train="recipes/prompts/shapes_train32.txt", eval="tiny:heldout"),
+        prompts=PromptConfig(train=str(PROMPTS / "shapes_train32.txt"), eval="tiny:heldout"),
         train=TrainConfig(
             algorithm="ddpo_is",
             epochs=40,

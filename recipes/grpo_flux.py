@@ -8,6 +8,8 @@ transformer's attention projections. PickScore (about 20) is weighted 1/100 so t
 advantage (HPS v2.1 is about 0.3). Batch sizes are per process; each process samples whole groups.
 """
 
+from pathlib import Path
+
 from diffrl.cli import recipe_main
 from diffrl.config import (
     FLUX_ATTENTION,
@@ -21,6 +23,8 @@ from diffrl.config import (
     SampleConfig,
     TrainConfig,
 )
+
+PROMPTS = Path(__file__).resolve().parent / "prompts"  # found from any working directory
 
 
 def config() -> Config:
@@ -45,7 +49,7 @@ def config() -> Config:
             num_batches_per_epoch=2,
         ),
         reward=RewardConfig(spec="hpsv2=1.0,pickscore=0.01"),
-        prompts=PromptConfig(train="recipes/prompts/simple_animals.txt", eval="recipes/prompts/simple_animals.txt"),
+        prompts=PromptConfig(train=str(PROMPTS / "simple_animals.txt"), eval=str(PROMPTS / "simple_animals.txt")),
         train=TrainConfig(
             algorithm="grpo",
             epochs=300,

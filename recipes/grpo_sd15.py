@@ -5,6 +5,8 @@
 Batch sizes are per process; each process samples whole groups.
 """
 
+from pathlib import Path
+
 from diffrl.cli import recipe_main
 from diffrl.config import (
     Config,
@@ -18,6 +20,8 @@ from diffrl.config import (
     TrainConfig,
 )
 
+PROMPTS = Path(__file__).resolve().parent / "prompts"  # found from any working directory
+
 
 def config() -> Config:
     return Config(
@@ -25,7 +29,7 @@ def config() -> Config:
         lora=LoraConfig(rank=8, alpha=8.0),
         sample=SampleConfig(num_steps=20, guidance_scale=5.0, eta=1.0, batch_size=16, num_batches_per_epoch=2),
         reward=RewardConfig(spec="aesthetic"),
-        prompts=PromptConfig(train="recipes/prompts/simple_animals.txt", eval="recipes/prompts/simple_animals.txt"),
+        prompts=PromptConfig(train=str(PROMPTS / "simple_animals.txt"), eval=str(PROMPTS / "simple_animals.txt")),
         train=TrainConfig(
             algorithm="grpo",
             epochs=100,

@@ -41,8 +41,8 @@ def test_cli_prints_the_resolved_config_and_rejects_bad_overrides(capsys):
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
-def test_every_recipe_names_prompts_that_load_and_tiny_ones_train_on_no_held_out_prompt(recipe, monkeypatch):
-    monkeypatch.chdir(REPO)  # recipes name their prompt files relative to the repository
+def test_every_recipe_names_prompts_that_load_and_tiny_ones_train_on_no_held_out_prompt(recipe, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # recipes find their prompt files from any working directory
     config = load_recipe(str(recipe))()
     train_prompts = load_prompts(config.prompts.train)
     assert train_prompts and load_prompts(config.prompts.eval)
