@@ -7,13 +7,17 @@ window's steps stochastic (at the recipe's eta), and the reward's variance is sp
 step noise explains (same prompt, same initial noise) and the whole variance within a prompt. GRPO computes
 advantages within a prompt's group and credits them to the trained steps: a window whose steps explain most of
 the within-prompt variance is one whose steps decide the reward, and the fewer steps it takes to get there, the
-less of the gradient is noise from steps that do not matter. Uses the recipe's model, reward, prompts, guidance,
-step count and noise schedule; ``--section.key value`` overrides apply as in ``diffrl train``.
+less of the gradient is noise from steps that do not matter. The leverage column is how far the policy can move
+those steps' means, in units of their noise, per unit of model output (their mean): a window whose noise decides
+the reward but whose leverage is small (a flow model's first steps) gives the policy almost nothing to re-weight.
+Uses the recipe's model, reward, prompts, guidance, step count and noise schedule; ``--section.key value``
+overrides apply as in ``diffrl train``.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import time
 
@@ -22,7 +26,7 @@ import torch
 from diffrl import policies
 from diffrl.cli import load_recipe
 from diffrl.config import apply_overrides
-from diffrl.evaluation import noise_variance
+from diffrl.evaluation import noise_variance, step_leverage
 from diffrl.rewards import weighted_sum
 from diffrl.trainers.base import load_prompts
 
@@ -63,11 +67,21 @@ def main() -> None:
         f"{len(prompts)} prompts x {args.initial_noises} initial noises x {args.step_noises} step noises, "
         f"eta {config.sample.eta}, {config.sample.num_steps} steps, {(time.perf_counter() - started) / 60:.1f} min\n"
     )
-    print("| SDE window | mean reward | variance from the window's steps | variance within a prompt | share |")
-    print("|---|---|---|---|---|")
+    leverage = step_leverage(
+        policy, config.sample.num_steps, eta=config.sample.eta, noise_schedule=config.sample.noise_schedule
+    )
+    print(
+        "| SDE window | mean reward | variance from the window's steps | variance within a prompt | share | leverage |"
+    )
+    print("|---|---|---|---|---|---|")
     for row in rows:
-        window = "all" if row.sde_window is None else f"{row.sde_window[0]}-{row.sde_window[1]}"
-        print(f"| {window} | {row.mean:.3f} | {row.step_var:.4f} | {row.prompt_var:.4f} | {row.step_share:.2f} |")
+        start, end = (0, config.sample.num_steps) if row.sde_window is None else row.sde_window
+        finite = [v for v in leverage[start:end] if math.isfinite(v)]
+        window = "all" if row.sde_window is None else f"{start}-{end}"
+        print(
+            f"| {window} | {row.mean:.3f} | {row.step_var:.4f} | {row.prompt_var:.4f} | {row.step_share:.2f} "
+            f"| {sum(finite) / max(len(finite), 1):.2f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from diffrl.config import LoraConfig, ModelConfig
-from diffrl.evaluation import EvalResult, evaluate, noise_variance
+from diffrl.config import FLUX_ATTENTION, LoraConfig, ModelConfig
+from diffrl.evaluation import EvalResult, evaluate, noise_variance, step_leverage
+from diffrl.policies.flux import FluxPolicy
 from diffrl.policies.sd import SDPolicy
 from diffrl.rewards import weighted_sum
 
@@ -83,3 +84,28 @@ def test_noise_variance_splits_a_prompts_variance_by_where_the_noise_enters(rand
 
     with pytest.raises(ValueError, match="dropped 6 of 6"):
         noise_variance(policy, prompts[:1], weighted_sum({dropped: 1.0}, on_invalid="drop"), [None], **kwargs)
+
+
+def test_step_leverage_is_the_mean_slope_over_the_step_std(random_sd_dir, random_flux_dir):
+    sd = SDPolicy.load(ModelConfig(path=str(random_sd_dir)), LoraConfig())
+    leverage = step_leverage(sd, 5, eta=1.0)
+    schedule, alphas = sd.schedule(5), sd.scheduler.alphas_cumprod.double()
+    for i in range(4):  # DDPM posterior (eta = 1), its mean written in the predicted noise
+        a_t, a_p = alphas[int(schedule.timesteps[i])], alphas[int(schedule.prev_timesteps[i])]
+        x0_coef = a_p.sqrt() * (1 - a_t / a_p) / (1 - a_t)
+        std = ((1 - a_p) / (1 - a_t) * (1 - a_t / a_p)).sqrt()
+        assert leverage[i] == pytest.approx((x0_coef * (1 - a_t).sqrt() / a_t.sqrt() / std).item(), rel=1e-4)
+    assert all(v == float("inf") for v in step_leverage(sd, 5, eta=0.0))  # ODE steps: nothing to train
+
+    flux = FluxPolicy.load(
+        ModelConfig(family="flux", path=str(random_flux_dir)), LoraConfig(target_modules=FLUX_ATTENTION)
+    )
+    leverage = step_leverage(flux, 6, eta=1.0)
+    sigmas = flux.schedule(6).sigmas.double()
+    for i in range(5):  # gDDIM-flow at eta = 1: the velocity's coefficient in the mean over the std
+        t, s = sigmas[i], sigmas[i + 1]
+        r = ((1 - t) * s / (t * (1 - s))) ** 2
+        v_coef = s * r.sqrt() * (1 - t) - (1 - s) * t
+        assert leverage[i] == pytest.approx((v_coef.abs() / (s * (1 - r).sqrt())).item(), rel=1e-4)
+    assert leverage[-1] == float("inf")  # the last flow step (to sigma 0) has no noise
+    assert leverage[0] < leverage[2] < leverage[4]  # a flow step's mean barely depends on the model at high noise

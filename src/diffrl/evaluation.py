@@ -220,3 +220,27 @@ def noise_variance(
             )
         )
     return rows
+
+
+@torch.no_grad()
+def step_leverage(policy, num_steps: int, *, eta: float = 1.0, noise_schedule: str = "gddim") -> list[float]:
+    """For each step, how far the transition's mean moves, in units of its standard deviation, when the model
+    output moves by one (averaged over latent elements): ``|d mean / d output| / std``.
+
+    A policy gradient can only re-weight a step's outcomes by as much as the policy can move that step's mean
+    relative to its noise, so a window is worth training where the step noise explains the reward
+    (:func:`noise_variance`) *and* the leverage is not small. Every step is affine in the model output, so two
+    evaluations give the slope exactly. A step with no noise (eta = 0, or the last step of a flow model) has
+    infinite leverage: it is not a stochastic step and has no log-probability to train.
+    """
+    x = policy.initial_latents([torch.Generator().manual_seed(0)])
+    zero, one = torch.zeros_like(x), torch.ones_like(x)
+    leverage = []
+    for i in range(num_steps):
+        kwargs = {"eta": eta, "noise_schedule": noise_schedule, "generator": [torch.Generator().manual_seed(i)]}
+        at_zero = policy.step(zero, num_steps, i, x, **kwargs)
+        at_one = policy.step(one, num_steps, i, x, **kwargs)
+        slope = (at_one.mean - at_zero.mean).abs().mean().item()
+        std = at_zero.std.max().item()
+        leverage.append(slope / std if std > 0 else math.inf)
+    return leverage
