@@ -28,6 +28,7 @@ from diffrl.cli import load_recipe
 from diffrl.config import apply_overrides
 from diffrl.evaluation import noise_variance, step_leverage
 from diffrl.rewards import weighted_sum
+from diffrl.sampling.rollout import sde_window_mask
 from diffrl.trainers.base import load_prompts
 
 
@@ -75,12 +76,13 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|")
     for row in rows:
-        start, end = (0, config.sample.num_steps) if row.sde_window is None else row.sde_window
-        finite = [v for v in leverage[start:end] if math.isfinite(v)]
-        window = "all" if row.sde_window is None else f"{start}-{end}"
+        in_window = sde_window_mask(config.sample.num_steps, row.sde_window).tolist()
+        # the mean over the window's stochastic steps; a window with none (eta 0) has nothing to train
+        finite = [v for v, inside in zip(leverage, in_window, strict=True) if inside and math.isfinite(v)]
+        window = "all" if row.sde_window is None else f"{row.sde_window[0]}-{row.sde_window[1]}"
         print(
             f"| {window} | {row.mean:.3f} | {row.step_var:.4f} | {row.prompt_var:.4f} | {row.step_share:.2f} "
-            f"| {sum(finite) / max(len(finite), 1):.2f} |"
+            f"| {sum(finite) / len(finite) if finite else math.inf:.2f} |"
         )
 
 
