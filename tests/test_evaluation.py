@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from diffrl.config import FLUX_ATTENTION, LoraConfig, ModelConfig
-from diffrl.evaluation import EvalResult, evaluate, noise_variance, step_leverage
+from diffrl.evaluation import EvalResult, evaluate, noise_variance, paired_difference, step_leverage
 from diffrl.policies.flux import FluxPolicy
 from diffrl.policies.sd import SDPolicy
 from diffrl.rewards import weighted_sum
@@ -21,6 +21,17 @@ def test_gap_arithmetic_is_a_paired_difference():
     assert metrics["eval/r/eta=0/mean"] == pytest.approx(0.7)
     assert metrics["eval/r/eta=1/mean"] == pytest.approx(17 / 30)
     assert metrics["eval/r/gap"] == pytest.approx(gap)
+
+
+def test_paired_difference_removes_what_the_pairs_share():
+    base = torch.tensor([0.1, 0.9, 0.3, 0.7, 0.5])
+    after = base + torch.tensor([0.02, 0.04, 0.02, 0.04, 0.03])  # a small, steady gain on widely spread scores
+    gain, stderr = paired_difference(after, base)
+    assert gain == pytest.approx(0.03)
+    assert stderr == pytest.approx(0.01 / 5**0.5, rel=1e-4)  # std of the differences, not of the scores
+    assert stderr < base.std().item() / 5**0.5 / 10
+    with pytest.raises(ValueError, match="one length"):
+        paired_difference(after, base[:4])
 
 
 def test_evaluate_scores_every_eta_from_the_same_noise(random_sd_dir):

@@ -44,9 +44,7 @@ class EvalResult:
         """``(mean, standard error)`` of ``reward(eta=0) - reward(eta=train_eta)`` over prompts."""
         if self.train_eta is None or 0.0 not in self.scores[name]:
             raise ValueError("the gap needs eta = 0 and a train_eta among the evaluated etas.")
-        diff = self.scores[name][0.0] - self.scores[name][self.train_eta]
-        stderr = diff.std().item() / math.sqrt(len(diff)) if len(diff) > 1 else 0.0
-        return diff.mean().item(), stderr
+        return paired_difference(self.scores[name][0.0], self.scores[name][self.train_eta])
 
     def to_metrics(self, prefix: str = "eval") -> dict[str, float]:
         """``{prefix}/{reward}/eta={x}/mean`` (and ``/stderr``) and ``{prefix}/{reward}/gap``."""
@@ -58,6 +56,21 @@ class EvalResult:
             if self.train_eta in self.etas and 0.0 in self.etas and self.train_eta != 0.0:
                 metrics[f"{prefix}/{name}/gap"], metrics[f"{prefix}/{name}/gap_stderr"] = self.gap(name)
         return metrics
+
+
+def paired_difference(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """``(mean, standard error)`` of ``a - b`` for scores of the same samples (same prompts, same noise).
+
+    Pairing removes what the two sets share (the prompt, the initial noise) from the error, so a change much
+    smaller than either mean's own standard error can still be told from noise.
+    """
+    if a.shape != b.shape or a.dim() != 1:
+        raise ValueError(
+            f"paired scores must be two 1-D tensors of one length; got {tuple(a.shape)} and {tuple(b.shape)}."
+        )
+    diff = a.float() - b.float()
+    stderr = diff.std().item() / math.sqrt(len(diff)) if len(diff) > 1 else 0.0
+    return diff.mean().item(), stderr
 
 
 def _rollouts(policy, prompts: list[str], seeds: list[int], batch_size: int, step_seeds=None, **kwargs):
