@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
@@ -114,6 +116,14 @@ def test_prompt_embeddings_are_cached(policy):
     first = policy.encode_prompts(["a red circle", "a blue square"])
     assert set(policy._prompt_cache) == {"a red circle", "a blue square"}
     assert torch.equal(policy.encode_prompts(["a blue square"])[0], first[1])
+
+
+def test_the_model_loads_in_the_configured_dtype_without_a_deprecation_warning(random_sd_dir):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        policy = SDPolicy.load(ModelConfig(path=str(random_sd_dir), dtype="bfloat16"), LoraConfig(rank=4, alpha=8.0))
+    assert [str(w.message) for w in caught if "torch_dtype" in str(w.message)] == []
+    assert policy.vae.dtype == torch.bfloat16
 
 
 def test_missing_or_wrong_model_directories_are_clear_errors(tmp_path):

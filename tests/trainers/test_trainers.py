@@ -148,6 +148,7 @@ def test_metrics_and_sample_grids_reach_the_tracker(random_sd_dir, tmp_path, mon
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB__SERVICE_WAIT", "300")  # wandb's service may start slowly on a loaded 2-core machine
     config = apply_overrides(
         small_config(str(random_sd_dir), str(tmp_path / "run")),
         ["--train.epochs", "1", "--eval.every_epochs", "1", "--eval.num_prompts", "2", "--logging.tracker", tracker],

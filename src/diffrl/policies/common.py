@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
 
+import diffusers
 import torch
 from diffusers.training_utils import cast_training_params
 from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
@@ -16,6 +17,13 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from diffrl.config import LoraConfig, ModelConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pipeline_dtype(name: str) -> dict[str, torch.dtype]:
+    """The dtype keyword of a pipeline's ``from_pretrained``: diffusers 0.42 renamed ``torch_dtype`` to ``dtype``
+    (and warns on every load under the old name); older releases know only ``torch_dtype``."""
+    major_minor = tuple(int(part) for part in diffusers.__version__.split(".")[:2])
+    return {"dtype" if major_minor >= (0, 42) else "torch_dtype": DTYPES[name]}
 
 
 def resolve_model_path(path: str, family: str = "sd") -> str:

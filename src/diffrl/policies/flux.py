@@ -19,7 +19,7 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from diffusers.utils.torch_utils import randn_tensor
 
 from diffrl.config import LoraConfig, ModelConfig
-from diffrl.policies.common import DTYPES, LoraModel, resolve_model_path
+from diffrl.policies.common import LoraModel, pipeline_dtype, resolve_model_path
 from diffrl.sampling.common import StepOutput
 from diffrl.sampling.flow import flow_step
 
@@ -76,7 +76,7 @@ class FluxPolicy(LoraModel):
     def load(cls, model: ModelConfig, lora: LoraConfig, device: torch.device | str = "cpu") -> FluxPolicy:
         """Load a FLUX.1-layout model from a local directory or a hub id and add LoRA (unless full fine-tune)."""
         path = resolve_model_path(model.path, "flux")
-        pipeline = FluxPipeline.from_pretrained(path, revision=model.revision, torch_dtype=DTYPES[model.dtype])
+        pipeline = FluxPipeline.from_pretrained(path, revision=model.revision, **pipeline_dtype(model.dtype))
         policy = cls(
             pipeline, None if model.full_finetune else lora, device, model.resolution, model.max_sequence_length
         )

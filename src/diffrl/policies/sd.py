@@ -14,7 +14,7 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
 from diffrl.config import LoraConfig, ModelConfig
-from diffrl.policies.common import DTYPES, LoraModel, resolve_model_path
+from diffrl.policies.common import LoraModel, pipeline_dtype, resolve_model_path
 from diffrl.sampling.common import StepOutput
 from diffrl.sampling.gddim import gddim_step
 
@@ -64,7 +64,7 @@ class SDPolicy(LoraModel):
         pipeline = StableDiffusionPipeline.from_pretrained(
             path,
             revision=model.revision,
-            torch_dtype=DTYPES[model.dtype],
+            **pipeline_dtype(model.dtype),
             safety_checker=None,
             requires_safety_checker=False,
         )

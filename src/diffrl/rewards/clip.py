@@ -62,7 +62,7 @@ class ClipScorer:
         from transformers import AutoTokenizer, CLIPModel
 
         processor_dir = processor_dir or model_dir
-        model = CLIPModel.from_pretrained(model_dir, torch_dtype=dtype)
+        model = CLIPModel.from_pretrained(model_dir, dtype=dtype)
         return cls(model, AutoTokenizer.from_pretrained(processor_dir), processor_dir, device)
 
     def image_embeds(self, images: torch.Tensor) -> torch.Tensor:
