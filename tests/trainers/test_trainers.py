@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -148,7 +149,6 @@ def test_metrics_and_sample_grids_reach_the_tracker(random_sd_dir, tmp_path, mon
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("WANDB__SERVICE_WAIT", "300")  # wandb's service may start slowly on a loaded 2-core machine
     config = apply_overrides(
         small_config(str(random_sd_dir), str(tmp_path / "run")),
         ["--train.epochs", "1", "--eval.every_epochs", "1", "--eval.num_prompts", "2", "--logging.tracker", tracker],
@@ -165,9 +165,21 @@ def test_metrics_and_sample_grids_reach_the_tracker(random_sd_dir, tmp_path, mon
         assert [e.step for e in events.Images("eval/samples")] == [0, 1]
     else:
         (run,) = tmp_path.glob("wandb/offline-run-*")
-        records = next(run.glob("run-*.wandb")).read_bytes()  # the offline log (protobuf records)
+        records, images = _wandb_offline_run(run, [b"reward/mean", b"eval/shapes/gap"], images=2)
         assert b"reward/mean" in records and b"eval/shapes/gap" in records
-        assert len(list(run.glob("files/media/images/eval/samples_*.png"))) == 2
+        assert len(images) == 2
+
+
+def _wandb_offline_run(run: Path, needles: list[bytes], images: int, timeout: float = 60.0):
+    """The offline log (protobuf records) and sample images of a wandb run. wandb's service process may still be
+    writing them after ``run.finish()`` returns on a loaded machine, so wait (at most ``timeout`` s) for them."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = b"".join(path.read_bytes() for path in run.glob("run-*.wandb"))
+        found = list(run.glob("files/media/images/eval/samples_*.png"))
+        if (all(n in records for n in needles) and len(found) >= images) or time.monotonic() > deadline:
+            return records, found
+        time.sleep(0.5)
 
 
 def _run(args: list[str], env_extra: dict | None = None, launcher: list[str] | None = None) -> None:
