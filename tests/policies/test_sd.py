@@ -137,6 +137,23 @@ def test_missing_or_wrong_model_directories_are_clear_errors(tmp_path):
     )
 
 
+def test_an_adapter_loads_from_a_checkpoint_folder_and_a_missing_one_is_a_clear_error(policy, tmp_path):
+    with torch.no_grad():
+        for p in policy.trainable_parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    policy.save_adapter(tmp_path / "epoch-000003" / "adapter")
+    before = [p.detach().clone() for p in policy.trainable_parameters()]
+    with torch.no_grad():
+        for p in policy.trainable_parameters():
+            p.zero_()
+    policy.load_adapter(tmp_path / "epoch-000003")  # the checkpoint's folder: its adapter/ is loaded
+    for a, b in zip(policy.trainable_parameters(), before, strict=True):
+        assert torch.equal(a, b)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no pytorch_lora_weights.safetensors in .*empty.*training checkpoint"):
+        policy.load_adapter(tmp_path / "empty")
+
+
 def test_channels_last_is_the_same_policy_in_another_memory_layout(random_sd_dir, policy):
     assert policy.unet.conv_in.weight.is_contiguous()
     torch.manual_seed(0)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import diffusers
 import torch
+from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE
 from diffusers.training_utils import cast_training_params
 from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
 from peft import LoraConfig as PeftLoraConfig
@@ -122,8 +123,18 @@ class LoraModel:
         )
 
     def load_adapter(self, directory: str | Path) -> None:
-        """Load weights written by :meth:`save_adapter` into this policy's LoRA (or network)."""
+        """Load weights written by :meth:`save_adapter` into this policy's LoRA (or network). A training checkpoint's
+        folder works too: its ``adapter/`` subfolder is loaded."""
         directory = Path(directory)
+        weights = Path(self.component) if self.lora is None else Path(LORA_WEIGHT_NAME_SAFE)
+        if not (directory / weights).exists() and (directory / "adapter" / weights).exists():
+            directory = directory / "adapter"  # a checkpoint folder
+        if not (directory / weights).exists():
+            kind = f"a full fine-tune's {self.component}/ folder" if self.lora is None else LORA_WEIGHT_NAME_SAFE
+            raise FileNotFoundError(
+                f"no {kind} in {str(directory)!r}; pass the folder save_adapter wrote, or a training checkpoint "
+                "(a run's checkpoints/epoch-NNNNNN folder)."
+            )
         if self.lora is None:
             loaded = type(self.model).from_pretrained(directory / self.component)
             self.model.load_state_dict(loaded.state_dict())
