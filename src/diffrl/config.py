@@ -43,6 +43,13 @@ class ModelConfig:
     )
     gradient_checkpointing: bool = _help("recompute activations in the backward pass to save memory", default=False)
     full_finetune: bool = _help("train every UNet/transformer weight instead of LoRA", default=False)
+    init_weights: str = _help(
+        "folder of trained weights to start from: a LoRA of this model with the same lora settings (a "
+        "save_adapter folder or a run's checkpoint) or, with full_finetune, a fine-tuned network; the reference "
+        "policy (train.kl_coef) stays the model at path; a resumed run restores its checkpoint instead ('': start "
+        "from the base model)",
+        default="",
+    )
     channels_last: bool = _help(
         "SD: keep the UNet's weights channels-last (NHWC); whether it is faster depends on the hardware and batch "
         "(docs/performance.md)",

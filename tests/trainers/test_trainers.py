@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from tiny_run import small_config
 
-from diffrl.config import apply_overrides
+from diffrl.config import ConfigError, apply_overrides
 from diffrl.trainers import GRPOTrainer, make_trainer, train
 from diffrl.trainers.common import EPS, group_advantages
 
@@ -54,6 +54,36 @@ def test_kl_to_the_reference_is_zero_before_and_positive_after_updates(random_sd
     first, second = read_metrics(tmp_path)
     assert second["train/kl"] > 0.0
     assert first["train/kl"] >= 0.0
+
+
+def test_a_run_starts_from_init_weights_and_keeps_the_base_model_as_reference(random_sd_dir, tmp_path):
+    first = small_config(str(random_sd_dir), str(tmp_path / "first"))
+    train(apply_overrides(first, ["--train.epochs", "1"]))
+    trained = lora_weights(tmp_path / "first", 1)
+    config = apply_overrides(
+        small_config(str(random_sd_dir), str(tmp_path / "second")),
+        ["--model.init_weights", str(tmp_path / "first" / "checkpoints" / "epoch-000001")],
+    )
+    trainer = make_trainer(config)
+    trainer.policy.save_adapter(tmp_path / "start")
+    started = load_file(tmp_path / "start" / "pytorch_lora_weights.safetensors")
+    assert started.keys() == trained.keys()
+    for key in trained:
+        torch.testing.assert_close(started[key], trained[key], rtol=0, atol=0)
+    assert any(v.abs().max() > 0 for k, v in trained.items() if "lora_B" in k or "lora.up" in k)
+    with torch.no_grad():  # the reference is still the base model: disabling the LoRA changes the prediction
+        latents = torch.randn(1, *trainer.policy.latent_shape)
+        embeds = trainer.policy.encode_prompts(["a red circle"])
+        with_lora = trainer.policy.predict(latents, 500, embeds, guidance_scale=1.0)
+        with trainer.policy.reference():
+            reference = trainer.policy.predict(latents, 500, embeds, guidance_scale=1.0)
+    assert (with_lora - reference).abs().max() > 0
+
+    missing = apply_overrides(
+        small_config(str(random_sd_dir), str(tmp_path / "third")), ["--model.init_weights", str(tmp_path / "nope")]
+    )
+    with pytest.raises(ConfigError, match="model.init_weights: no pytorch_lora_weights.safetensors in .*nope"):
+        make_trainer(missing)
 
 
 @pytest.mark.parametrize("scale", ["group", "batch", "none"])

@@ -158,6 +158,11 @@ class Trainer:
         self.world = self.accelerator.num_processes
         set_seed(config.train.seed)  # same LoRA initialisation on every process
         self.policy = policies.load(config, self.accelerator.device)
+        if config.model.init_weights and resume is None:  # a resumed run restores its own checkpoint's weights
+            try:
+                self.policy.load_adapter(config.model.init_weights)
+            except FileNotFoundError as error:
+                raise ConfigError(f"model.init_weights: {error}") from None
         self.reward = weighted_sum(
             reward if reward is not None else config.reward.spec,
             kwargs=config.reward.kwargs if reward is None else None,
