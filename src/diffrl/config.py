@@ -223,7 +223,12 @@ class TrainConfig:
     batch_size: int = _help("trajectories per gradient micro-batch, per process", default=8)
     gradient_accumulation_steps: int = _help("micro-batches accumulated per optimizer step", default=1)
     num_inner_epochs: int = _help("passes over each epoch's samples", default=1)
-    clip_range: float = _help("PPO clip range for the importance ratio", default=1e-4)
+    clip_range: float = _help(
+        "PPO clip range for the importance ratio. Its scale follows sample.log_prob_reduction: a mean over the "
+        "latent's D elements moves the ratio about 1/D as far as a sum does (DDPO's 1e-4 is for 'mean'; PPO's usual "
+        "0.2 is for a whole action's probability, a sum); train/clip_fraction shows whether it binds",
+        default=1e-4,
+    )
     adv_clip_max: float = _help("advantages are clipped to [-adv_clip_max, adv_clip_max]", default=5.0)
     timestep_fraction: float = _help("fraction of the stochastic steps trained per trajectory", default=1.0)
     group_size: int = _help("GRPO: images per prompt (K)", default=4)
