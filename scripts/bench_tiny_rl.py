@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from diffrl import policies
-from diffrl.checkpoint import config_differences, find_checkpoint
+from diffrl.checkpoint import config_differences, find_checkpoint, saved_config
 from diffrl.cli import load_recipe
 from diffrl.config import apply_overrides
 from diffrl.evaluation import evaluate, paired_difference
@@ -66,8 +66,9 @@ def finished_run(run_dir: Path, config) -> Path | None:
         return None
     if int(checkpoint.name.removeprefix("epoch-")) != config.train.epochs:
         return None
-    saved = json.loads((checkpoint / "config.json").read_text())
-    differences = [k for k in config_differences(saved, config.to_dict()) if not k.startswith("logging.")]
+    differences = [
+        k for k in config_differences(saved_config(checkpoint), config.to_dict()) if not k.startswith("logging.")
+    ]
     if differences:
         raise SystemExit(
             f"--reuse: {run_dir} was trained with a different config ({', '.join(differences)}); give the same "

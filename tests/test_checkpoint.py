@@ -3,7 +3,14 @@ import json
 import pytest
 import torch
 
-from diffrl.checkpoint import CorruptCheckpointError, find_checkpoint, save_checkpoint, verify_checkpoint
+from diffrl.checkpoint import (
+    CorruptCheckpointError,
+    config_differences,
+    find_checkpoint,
+    save_checkpoint,
+    saved_config,
+    verify_checkpoint,
+)
 from diffrl.config import Config
 
 
@@ -76,3 +83,12 @@ def test_a_failed_write_leaves_no_partial_checkpoint(tmp_path):
         )  # fmt: skip
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["epoch-000001"]
     verify_checkpoint(tmp_path / "checkpoints" / "epoch-000001")
+
+
+def test_a_config_saved_before_a_key_existed_differs_only_where_it_really_differs(tmp_path):
+    saved = Config().to_dict()
+    del saved["model"]["init_weights"]  # a run written by a diffrl without this key
+    saved["train"]["lr"] = 0.5
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert "model.init_weights" in config_differences(saved, Config().to_dict())  # the raw dicts would differ
+    assert config_differences(saved_config(tmp_path), Config().to_dict()) == ["train.lr"]

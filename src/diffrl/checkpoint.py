@@ -200,13 +200,19 @@ def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str
     return differences
 
 
+def saved_config(directory: Path) -> dict:
+    """The config a run or checkpoint folder saved, as a dict, with the keys added to diffrl since it was written
+    at their defaults, so that comparing it with a current config names only real differences."""
+    return Config.from_dict(json.loads((Path(directory) / "config.json").read_text())).to_dict()
+
+
 def load_checkpoint(directory: Path, *, policy, optimizer, lr_scheduler, config: Config) -> dict:
     """Restore weights and optimizer state from a verified checkpoint; returns its trainer state.
 
     The checkpoint's config must match the current one except for logging, ``train.epochs`` and evaluation.
     """
     verify_checkpoint(directory)
-    saved = json.loads((directory / "config.json").read_text())
+    saved = saved_config(directory)
     differences = [
         key for key in config_differences(saved, config.to_dict()) if not key.startswith(RESUMABLE_DIFFERENCES)
     ]
