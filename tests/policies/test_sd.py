@@ -154,6 +154,19 @@ def test_an_adapter_loads_from_a_checkpoint_folder_and_a_missing_one_is_a_clear_
         policy.load_adapter(tmp_path / "empty")
 
 
+def test_a_full_fine_tune_loads_its_network_from_a_checkpoint_folder(random_sd_dir, tmp_path):
+    config = ModelConfig(path=str(random_sd_dir), full_finetune=True)
+    trained = SDPolicy.load(config, LoraConfig())
+    with torch.no_grad():
+        next(trained.unet.parameters()).add_(1.0)
+    trained.save_adapter(tmp_path / "epoch-000001" / "adapter")
+    fresh = SDPolicy.load(config, LoraConfig())
+    fresh.load_adapter(tmp_path / "epoch-000001")
+    torch.testing.assert_close(next(fresh.unet.parameters()), next(trained.unet.parameters()), rtol=0, atol=0)
+    with pytest.raises(FileNotFoundError, match=r"no unet/ folder \(a full fine-tune's weights\) in"):
+        fresh.load_adapter(tmp_path)
+
+
 def test_channels_last_is_the_same_policy_in_another_memory_layout(random_sd_dir, policy):
     assert policy.unet.conv_in.weight.is_contiguous()
     torch.manual_seed(0)

@@ -130,7 +130,7 @@ class LoraModel:
         if not (directory / weights).exists() and (directory / "adapter" / weights).exists():
             directory = directory / "adapter"  # a checkpoint folder
         if not (directory / weights).exists():
-            kind = f"a full fine-tune's {self.component}/ folder" if self.lora is None else LORA_WEIGHT_NAME_SAFE
+            kind = LORA_WEIGHT_NAME_SAFE if self.lora else f"{self.component}/ folder (a full fine-tune's weights)"
             raise FileNotFoundError(
                 f"no {kind} in {str(directory)!r}; pass the folder save_adapter wrote, or a training checkpoint "
                 "(a run's checkpoints/epoch-NNNNNN folder)."
