@@ -94,7 +94,7 @@ def main() -> None:
     prompts = {"heldout": heldout, "train": evaluation_sample(load_prompts(base_config.prompts.train), len(heldout))}
     base_scores = {name: ode_scores(base_config, None, prompts[name], args.eval_steps) for name in sets}
     base = {name: mean_stderr(base_scores[name]) for name in sets}
-    previous = {}  # wall-clock minutes of reused runs, from the bench.json that trained them
+    previous = {}  # wall-clock minutes of reused runs trained before bench_minutes.json, from their bench.json
     if args.reuse and (args.out / "bench.json").exists():
         previous = {row["seed"]: row for row in json.loads((args.out / "bench.json").read_text())["runs"]}
     rows, after_scores = [], []
@@ -110,6 +110,9 @@ def main() -> None:
             train(config)
             minutes = (time.perf_counter() - started) / 60
             checkpoint = find_checkpoint(run_dir, "latest")
+            (run_dir / "bench_minutes.json").write_text(json.dumps({"minutes": minutes}) + "\n")
+        elif (run_dir / "bench_minutes.json").exists():  # kept with the run: another --out's bench.json may be gone
+            minutes = json.loads((run_dir / "bench_minutes.json").read_text())["minutes"]
         else:
             minutes = previous.get(seed, {}).get("minutes")
         scores = {name: ode_scores(config, checkpoint / "adapter", prompts[name], args.eval_steps) for name in sets}
