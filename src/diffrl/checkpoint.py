@@ -203,7 +203,7 @@ def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str
 def saved_config(directory: Path) -> dict:
     """The config a run or checkpoint folder saved, as a dict, with the keys added to diffrl since it was written
     at their defaults, so that comparing it with a current config names only real differences."""
-    return Config.from_dict(json.loads((Path(directory) / "config.json").read_text())).to_dict()
+    return Config.load(Path(directory) / "config.json").to_dict()
 
 
 def load_checkpoint(directory: Path, *, policy, optimizer, lr_scheduler, config: Config) -> dict:
