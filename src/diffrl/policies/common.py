@@ -126,11 +126,13 @@ class LoraModel:
         """Load weights written by :meth:`save_adapter` into this policy's LoRA (or network). A training checkpoint's
         folder works too: its ``adapter/`` subfolder is loaded."""
         directory = Path(directory)
-        weights = Path(self.component) if self.lora is None else Path(LORA_WEIGHT_NAME_SAFE)
+        if self.lora is None:
+            weights, kind = self.component, f"{self.component}/ folder (a full fine-tune's weights)"
+        else:
+            weights, kind = LORA_WEIGHT_NAME_SAFE, LORA_WEIGHT_NAME_SAFE
         if not (directory / weights).exists() and (directory / "adapter" / weights).exists():
             directory = directory / "adapter"  # a checkpoint folder
         if not (directory / weights).exists():
-            kind = LORA_WEIGHT_NAME_SAFE if self.lora else f"{self.component}/ folder (a full fine-tune's weights)"
             raise FileNotFoundError(
                 f"no {kind} in {str(directory)!r}; pass the folder save_adapter wrote, or a training checkpoint "
                 "(a run's checkpoints/epoch-NNNNNN folder)."
