@@ -145,3 +145,39 @@ def test_bad_arguments_are_rejected():
         flow_step(x, 0.4, 0.5, x, eta=1.0)
     with pytest.raises(ValueError, match="noise_schedule must be one of"):
         flow_step(x, 0.5, 0.4, x, eta=1.0, noise_schedule="ddim")
+
+
+def test_eta_zero_is_bitwise_the_euler_step():
+    gen = torch.Generator().manual_seed(4)
+    sigmas = torch.linspace(1.0, 0.0, 1001)
+    for i in range(0, 1000, 7):
+        sample, v = torch.randn(2, 16, 8, generator=gen), torch.randn(2, 16, 8, generator=gen)
+        out = flow_step(v, sigmas[i], sigmas[i + 1], sample, eta=0.0)
+        assert torch.equal(out.prev_sample, sample + (sigmas[i + 1] - sigmas[i]) * v), f"step {i}"
+
+
+def test_pred_original_sample_is_x_t_minus_t_v():
+    sample, v = torch.randn(2, 16, 8), torch.randn(2, 16, 8)
+    for schedule in ("gddim", "flow_grpo"):
+        out = flow_step(v, 0.6, 0.5, sample, eta=1.0, noise_schedule=schedule, generator=torch.Generator())
+        torch.testing.assert_close(out.pred_original_sample, sample - 0.6 * v)
+
+
+@pytest.mark.parametrize("eta", [0.001, 0.003, 0.01, 0.1])
+def test_small_eta_std_matches_the_float64_formula_on_a_fine_grid(eta):
+    sigmas = torch.linspace(1.0, 0.0, 1001)
+    x = torch.randn(1, 16, 8)
+    worst = 0.0
+    for i in range(1, 999):
+        t, s = sigmas[i].double(), sigmas[i + 1].double()
+        r = ((1 - t) * s / (t * (1 - s))) ** 2
+        expected = (s**2 * (1 - r ** (eta**2))).sqrt().item()
+        out = flow_step(x, sigmas[i], sigmas[i + 1], x, eta=eta)
+        worst = max(worst, abs(out.std.max().item() - expected) / expected)
+    assert worst < 1e-5
+
+
+def test_an_eta_whose_square_overflows_is_a_value_error():
+    x = torch.randn(1, 16, 8)
+    with pytest.raises(ValueError, match="eta\\^2 overflows"):
+        flow_step(x, 0.5, 0.4, x, eta=1e155)

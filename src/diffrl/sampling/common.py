@@ -37,11 +37,44 @@ class StepOutput:
 
 
 def check_eta(eta: float) -> float:
-    """Reject a negative or non-finite eta; return it as a float."""
+    """Reject a negative or non-finite eta, or one whose square overflows; return it as a float."""
     eta = float(eta)
     if not math.isfinite(eta) or eta < 0.0:
         raise ValueError(f"eta must be a finite number >= 0 (0 is the deterministic ODE sampler); got {eta}.")
+    if not math.isfinite(eta * eta):
+        raise ValueError(
+            f"eta={eta} is too large: eta^2 overflows. Any eta above ~100 already re-noises the step completely "
+            "(r ** (eta^2) is 0 in float32), so use a smaller one."
+        )
     return eta
+
+
+@dataclass
+class GddimPowers:
+    """The two powers of ``r = SNR_t / SNR_p`` that a gDDIM step needs, ``[B or 1]`` float32:
+    ``one_minus_r_pow = 1 - r ** (eta^2)`` (the variance's factor) and ``r_pow_half = r ** (eta^2 / 2)``
+    (the shrinkage of eps in the mean), with ``r_pow_half_minus_one = r_pow_half - 1``."""
+
+    one_minus_r_pow: torch.Tensor
+    r_pow_half: torch.Tensor
+    r_pow_half_minus_one: torch.Tensor
+
+
+def gddim_powers(r: torch.Tensor, eta: float) -> GddimPowers:
+    """``r ** (eta^2)`` and ``r ** (eta^2 / 2)`` without the cancellation of ``1 - r ** (eta^2)`` at small eta.
+
+    1. ``e = eta^2 log r`` in float64 (``e = 0`` at eta = 0, so that ``r = 0`` gives ``r ** 0 = 1``, not NaN);
+    2. ``1 - r ** (eta^2) = -expm1(e)``, ``r ** (eta^2 / 2) - 1 = expm1(e / 2)``, both exact to rounding for any
+       eta (``1 - r.pow(eta**2)`` loses 18% of the std at eta = 0.003 on a 1,000-step grid).
+    """
+    r = r.to(torch.float64)
+    exponent = torch.zeros_like(r) if eta == 0.0 else eta * eta * torch.log(r)
+    half_minus_one = torch.expm1(exponent / 2.0)
+    return GddimPowers(
+        one_minus_r_pow=(-torch.expm1(exponent)).to(torch.float32),
+        r_pow_half=(half_minus_one + 1.0).to(torch.float32),
+        r_pow_half_minus_one=half_minus_one.to(torch.float32),
+    )
 
 
 def check_reduction(reduction: str) -> None:

@@ -9,8 +9,10 @@ gDDIM-flow, the default ``noise_schedule="gddim"`` (the VP formula with alpha = 
     r   = ((1 - t) s / (t (1 - s)))^2                       (SNR_t / SNR_s)
     sigma^2 = s^2 (1 - r ** (eta^2))
     x_s = (1 - s) x0 + s r ** (eta^2 / 2) eps + sigma z
+        = x_t + (s - t) v + s (r ** (eta^2 / 2) - 1) eps + sigma z        (the Euler step plus a shrinkage of eps)
 
-eta = 0 is exactly the Euler step ``x_t + (s - t) v``; the last step (s = 0) has sigma = 0 and no log-prob.
+The mean is computed in the second form, so eta = 0 is exactly (bitwise) the Euler step ``x_t + (s - t) v``; the
+last step (s = 0) has sigma = 0 and no log-prob.
 
 The Flow-GRPO SDE (``noise_schedule="flow_grpo"``, Euler-Maruyama with ``sigma_t = a sqrt(t / (1 - t))``)::
 
@@ -35,6 +37,7 @@ from diffrl.sampling.common import (
     check_eta,
     check_reduction,
     finish_step,
+    gddim_powers,
     per_sample,
 )
 
@@ -84,15 +87,19 @@ def flow_step(
     if bool(((t <= 0) | (t > 1) | (s < 0) | (s >= t)).any()):
         raise ValueError(f"flow steps need 0 <= sigma_next < sigma <= 1; got sigma={sigma}, sigma_next={sigma_next}.")
 
+    v = model_output.to(torch.float32)
+    x_t = sample.to(torch.float32)
     if noise_schedule == "gddim":
-        # 2. r = SNR_t / SNR_s; the variance and the coefficient of eps, folded into coefficients of x_t and v:
-        #    (1 - s) x0 + eps_coef eps with x0 = x_t - t v, eps = x_t + (1 - t) v; at eta = 0 this is x_t + (s - t) v
-        r = ((1.0 - t) * s / (t * (1.0 - s))) ** 2
-        eps_coef = s * r.pow(eta**2 / 2.0)
-        variance = s**2 * (1.0 - r.pow(eta**2))
-        x_coef = 1.0 - s + eps_coef
-        v_coef = eps_coef * (1.0 - t) - (1.0 - s) * t
+        # 2. r = SNR_t / SNR_s (float64); 1 - r^(eta^2) and r^(eta^2/2) - 1 through expm1 (exact at small eta)
+        t64, s64 = t.double(), s.double()
+        r = ((1.0 - t64) * s64 / (t64 * (1.0 - s64))) ** 2
+        powers = gddim_powers(r, eta)
+        variance = s**2 * powers.one_minus_r_pow
         std = variance.clamp(min=0.0).sqrt()
+        # 3. the Euler step plus the shrinkage of eps = x_t + (1 - t) v; the shrinkage is exactly 0 at eta = 0
+        euler = x_t + per_sample(s - t, sample) * v
+        shrink = per_sample(s * powers.r_pow_half_minus_one, sample)
+        mean = euler if eta == 0.0 else euler + shrink * (x_t + per_sample(1.0 - t, sample) * v)
     else:
         # 2. Flow-GRPO: sigma_t = a sqrt(t / (1 - t)), with s in place of t inside 1 - t at t = 1; Euler-Maruyama
         #    on the reverse SDE whose score term is -eps / t
@@ -102,12 +109,11 @@ def flow_step(
         x_coef = 1.0 + sigma_t**2 / (2.0 * t) * dt
         v_coef = (1.0 + sigma_t**2 * (1.0 - t) / (2.0 * t)) * dt
         std = sigma_t * (-dt).sqrt()
+        # 3. the mean of x_s
+        mean = per_sample(x_coef, sample) * x_t + per_sample(v_coef, sample) * v
 
-    # 3. predicted x0 and the mean of x_s
-    v = model_output.to(torch.float32)
-    x_t = sample.to(torch.float32)
+    # 4. predicted x0
     x0 = x_t - per_sample(t, sample) * v
-    mean = per_sample(x_coef, sample) * x_t + per_sample(v_coef, sample) * v
 
     # 5. sample (or take the stored sample) and score it
     return finish_step(

@@ -31,6 +31,7 @@ from diffrl.sampling.common import (
     check_eta,
     check_reduction,
     finish_step,
+    gddim_powers,
     per_sample,
 )
 
@@ -128,10 +129,13 @@ def gddim_step(
 
     # 2. variance sigma^2 and the coefficient c of eps in the mean
     if noise_schedule == "gddim":
-        # r = SNR_t / SNR_p, written so that a_p = 1 (the final step) gives r = 0 rather than inf / inf
-        r = alpha_t * (1.0 - alpha_p) / ((1.0 - alpha_t) * alpha_p)
-        variance = (1.0 - alpha_p) * (1.0 - r.pow(eta**2))
-        eps_coef = (1.0 - alpha_p).sqrt() * r.pow(eta**2 / 2.0)
+        # r = SNR_t / SNR_p (float64), written so that a_p = 1 (the final step) gives r = 0 rather than inf / inf;
+        # 1 - r^(eta^2) as -expm1(eta^2 log r), exact at small eta
+        a_t64, a_p64 = alpha_t.double(), alpha_p.double()
+        r = a_t64 * (1.0 - a_p64) / ((1.0 - a_t64) * a_p64)
+        powers = gddim_powers(r, eta)
+        variance = (1.0 - alpha_p) * powers.one_minus_r_pow
+        eps_coef = (1.0 - alpha_p).sqrt() * powers.r_pow_half
     else:
         # DDIM eq. 16: sigma_t(eta)^2 = eta^2 (1 - a_p) / (1 - a_t) (1 - a_t / a_p)
         variance = eta**2 * (1.0 - alpha_p) / (1.0 - alpha_t) * (1.0 - alpha_t / alpha_p)
