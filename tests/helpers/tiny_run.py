@@ -1,12 +1,15 @@
 """Run a small training job on a given model directory: used by tests as a subprocess (plain or accelerate launch).
 
-python tests/helpers/tiny_run.py MODEL_DIR OUTPUT_DIR [--section.key value ...]
+python tests/helpers/tiny_run.py MODEL_DIR OUTPUT_DIR [--resume latest] [--stop-after E] [--section.key value ...]
+
+``--stop-after E`` ends the process right after the checkpoint of epoch E, as a kill there would: the run's config
+(its epochs, its learning-rate schedule) stays that of the whole run.
 """
 
 import sys
 
 from diffrl.config import Config, apply_overrides
-from diffrl.trainers import train
+from diffrl.trainers import base, train
 
 
 def small_config(model_dir: str, output_dir: str) -> Config:
@@ -29,11 +32,30 @@ def small_config(model_dir: str, output_dir: str) -> Config:
     return apply_overrides(Config(), overrides)
 
 
+def pop_option(args: list[str], name: str) -> str | None:
+    if name not in args:
+        return None
+    i = args.index(name)
+    value = args[i + 1]
+    del args[i : i + 2]
+    return value
+
+
+def stop_after(epoch: int) -> None:
+    maybe_checkpoint = base.Trainer.maybe_checkpoint
+
+    def checkpoint_then_stop(self, completed, final=False):
+        maybe_checkpoint(self, completed, final)
+        if completed == epoch:
+            raise SystemExit(0)
+
+    base.Trainer.maybe_checkpoint = checkpoint_then_stop
+
+
 if __name__ == "__main__":
     model_dir, output_dir, *rest = sys.argv[1:]
-    resume = None
-    if "--resume" in rest:
-        i = rest.index("--resume")
-        resume = rest[i + 1]
-        rest = rest[:i] + rest[i + 2 :]
+    resume = pop_option(rest, "--resume")
+    stop = pop_option(rest, "--stop-after")
+    if stop is not None:
+        stop_after(int(stop))
     train(apply_overrides(small_config(model_dir, output_dir), rest), resume=resume)

@@ -15,9 +15,15 @@ from tiny_run import small_config
 
 from diffrl.config import ConfigError, apply_overrides
 from diffrl.trainers import GRPOTrainer, make_trainer, train
-from diffrl.trainers.common import EPS, group_advantages
+from diffrl.trainers.base import derived_seed
+from diffrl.trainers.common import EPS, group_advantages, subsample_timesteps
 
 HELPER = Path(__file__).resolve().parents[1] / "helpers" / "tiny_run.py"
+
+
+def brightness(images, prompts, metadata):
+    """A reward that varies on a random-weight model's images (the shapes verifier gives them all the same score)."""
+    return images.mean(dim=(1, 2, 3))
 
 
 def read_metrics(run: Path) -> list[dict]:
@@ -28,37 +34,45 @@ def lora_weights(run: Path, epoch: int) -> dict[str, torch.Tensor]:
     return load_file(run / "checkpoints" / f"epoch-{epoch:06d}" / "adapter" / "pytorch_lora_weights.safetensors")
 
 
+# the training pass re-scores micro-batches of another layout than the sampling batch; a float32 network's output
+# may differ there in the last bits on some CPUs (8e-7 seen with mean log-probabilities on an AMD EPYC)
+FIRST_UPDATE_TOLERANCE = {"mean": 1e-5, "sum": 1e-3}
+
+
 @pytest.mark.parametrize("algorithm", ["grpo", "ddpo_is", "ddpo_sf"])
-def test_first_update_is_exactly_on_policy_and_lora_changes(random_sd_dir, tmp_path, algorithm):
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_first_update_is_on_policy_and_lora_changes(random_sd_dir, tmp_path, algorithm, reduction):
     config = apply_overrides(
         small_config(str(random_sd_dir), str(tmp_path)),
-        ["--train.algorithm", algorithm, "--train.check_on_policy", "true", "--train.epochs", "1"],
-    )
+        ["--train.algorithm", algorithm, "--train.check_on_policy", "true", "--train.epochs", "1",
+         "--sample.log_prob_reduction", reduction],
+    )  # fmt: skip
     trainer = make_trainer(config)
     before = [p.detach().clone() for p in trainer.params]
     trainer.train()
     metrics = read_metrics(tmp_path)[-1]
-    # re-scoring every trained step with the sampling weights gives ratio exactly 1 (bitwise on CPU)
+    # re-scoring every trained step with the sampling weights on the sampling batch's layout: ratio exactly 1
     assert metrics["train/on_policy_max_abs_ratio_minus_1"] == 0.0
-    assert metrics["train/ratio_first_update_max_abs_dev"] == 0.0
+    assert 0.0 <= metrics["train/ratio_first_update_max_abs_dev"] <= FIRST_UPDATE_TOLERANCE[reduction]
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.params, strict=True))
     assert 0.0 <= metrics["reward/mean"] <= 1.0 and metrics["reward/dropped"] == 0
 
 
 def test_kl_to_the_reference_is_zero_before_and_positive_after_updates(random_sd_dir, tmp_path):
+    # one optimizer step an epoch: every loss of epoch 1 is computed before the first update
     config = apply_overrides(
         small_config(str(random_sd_dir), str(tmp_path)),
-        ["--train.kl_coef", "0.1", "--train.epochs", "2", "--train.gradient_accumulation_steps", "1"],
+        ["--train.kl_coef", "0.1", "--train.epochs", "2", "--train.gradient_accumulation_steps", "2"],
     )
-    train(config)
+    train(config, reward=brightness)
     first, second = read_metrics(tmp_path)
+    assert first["train/kl"] == 0.0
     assert second["train/kl"] > 0.0
-    assert first["train/kl"] >= 0.0
 
 
 def test_a_run_starts_from_init_weights_and_keeps_the_base_model_as_reference(random_sd_dir, tmp_path):
     first = small_config(str(random_sd_dir), str(tmp_path / "first"))
-    train(apply_overrides(first, ["--train.epochs", "1"]))
+    train(apply_overrides(first, ["--train.epochs", "1"]), reward=brightness)
     trained = lora_weights(tmp_path / "first", 1)
     config = apply_overrides(
         small_config(str(random_sd_dir), str(tmp_path / "second")),
@@ -174,6 +188,45 @@ def test_an_update_raises_the_log_probability_of_better_samples(random_sd_dir, t
     trainer.finish()
 
 
+def test_the_update_pairs_each_sample_with_its_own_advantage_and_steps(random_sd_dir, tmp_path):
+    """AdamW's first step moves each weight by -lr g / (|g| + eps): its sign is the gradient's. That gradient must be
+    the sum, sample by sample, of each sample's own advantage times its log-probability's gradient at the steps the
+    trainer's generator drew for that sample (one random order per sample)."""
+    config = apply_overrides(
+        small_config(str(random_sd_dir), str(tmp_path)),
+        ["--train.epochs", "1", "--train.gradient_accumulation_steps", "2", "--train.timestep_fraction", "0.5",
+         "--train.weight_decay", "0", "--train.max_grad_norm", "1e9"],
+    )  # fmt: skip
+    trainer = GRPOTrainer(config, reward=lambda images, prompts, metadata: images.mean(dim=(1, 2, 3)))
+    samples = trainer.sample_epoch(0, trainer.epoch_sampler(0))
+    advantages = torch.linspace(-1.0, 1.0, len(samples))[torch.randperm(len(samples))]  # distinct, no structure
+    before = [p.detach().clone() for p in trainer.params]
+
+    # the trainer's draw of rows and steps (train_epoch: derived_seed(seed, epoch, rank, 1))
+    generator = torch.Generator().manual_seed(derived_seed(config.train.seed, 0, 0, 1))
+    keep = samples.valid.nonzero().flatten()
+    order = keep[torch.randperm(len(keep), generator=generator)]
+    steps = subsample_timesteps(samples.trajectory.sde_mask, len(order), 0.5, generator)
+    trainer.policy.denoiser.train()
+    for row, row_steps in zip(order.tolist(), steps, strict=True):
+        for step in row_steps.tolist():
+            rows = torch.tensor([row])
+            loss, _, _ = trainer.step_loss(samples, rows, torch.tensor([step]), advantages[rows])
+            loss.loss.backward()
+    expected = [p.grad.detach().clone() for p in trainer.params]
+    trainer.optimizer.zero_grad(set_to_none=True)
+
+    trainer.train_epoch(0, samples, advantages)
+    agree = total = 0
+    for old, new, grad in zip(before, trainer.params, expected, strict=True):
+        big = grad.abs() > 1e-4 * max(g.abs().max().item() for g in expected)
+        agree += int((torch.sign(old - new.detach())[big] == torch.sign(grad)[big]).sum())
+        total += int(big.sum())
+    assert total > 100
+    assert agree / total > 0.98, f"update direction agrees with the per-sample gradient on {agree}/{total}"
+    trainer.finish()
+
+
 @pytest.mark.parametrize("tracker", ["tensorboard", "wandb"])
 def test_metrics_and_sample_grids_reach_the_tracker(random_sd_dir, tmp_path, monkeypatch, tracker):
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -183,7 +236,8 @@ def test_metrics_and_sample_grids_reach_the_tracker(random_sd_dir, tmp_path, mon
         small_config(str(random_sd_dir), str(tmp_path / "run")),
         ["--train.epochs", "1", "--eval.every_epochs", "1", "--eval.num_prompts", "2", "--logging.tracker", tracker],
     )
-    trainer = make_trainer(config)
+    # brightness moves the random model (so the two evaluations' grids differ: wandb stores equal images once)
+    trainer = make_trainer(config, reward={"shapes": 1.0, brightness: 1.0})
     trainer.train()
     trainer.accelerator.end_training()
     if tracker == "tensorboard":
@@ -219,12 +273,26 @@ def _run(args: list[str], env_extra: dict | None = None, launcher: list[str] | N
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
+RESUME_SETTINGS = {
+    "grpo, constant lr": [],
+    # the scheduler's position must be restored: warm-up and cosine decay reach every epoch's learning rate
+    "grpo, warm-up and cosine lr": ["--train.lr_schedule", "cosine", "--train.lr_warmup_steps", "3"],
+    # two prompts, four samples each an epoch: from epoch 2 the per-prompt buffers (saved in the checkpoint) decide
+    # the advantages instead of the batch statistics
+    "ddpo_is, per-prompt statistics": ["--train.algorithm", "ddpo_is", "--train.stat_min_count", "6"],
+}
+
+
 @pytest.mark.slow
-def test_resume_after_an_interrupted_run_is_identical(random_sd_dir, tmp_path):
+@pytest.mark.parametrize("setting", list(RESUME_SETTINGS))
+def test_resume_after_an_interrupted_run_is_identical(random_sd_dir, tmp_path, setting):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\nthree blue squares\n")
+    extra = [*RESUME_SETTINGS[setting], "--prompts.train", str(prompts), "--reward.spec", "rewards_helpers:brightness"]
     full, interrupted = tmp_path / "full", tmp_path / "interrupted"
-    _run([str(random_sd_dir), str(full), "--train.epochs", "3"])
-    _run([str(random_sd_dir), str(interrupted), "--train.epochs", "1"])
-    _run([str(random_sd_dir), str(interrupted), "--train.epochs", "3", "--resume", "latest"])
+    _run([str(random_sd_dir), str(full), "--train.epochs", "3", *extra])
+    _run([str(random_sd_dir), str(interrupted), "--train.epochs", "3", "--stop-after", "1", *extra])
+    _run([str(random_sd_dir), str(interrupted), "--train.epochs", "3", "--resume", "latest", *extra])
     a, b = lora_weights(full, 3), lora_weights(interrupted, 3)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 

@@ -103,6 +103,7 @@ class PolicyLoss:
     ratio_mean: torch.Tensor
     clip_fraction: torch.Tensor
     approx_kl: torch.Tensor
+    ratio_max_abs_dev: torch.Tensor  # max |ratio - 1| over the micro-batch
 
 
 def clipped_surrogate_loss(
@@ -119,14 +120,15 @@ def clipped_surrogate_loss(
     with torch.no_grad():
         clip_fraction = ((ratio - 1.0).abs() > clip_range).float().mean()
         approx_kl = 0.5 * ((log_prob - old_log_prob) ** 2).mean()
-    return PolicyLoss(loss, ratio.detach().mean(), clip_fraction, approx_kl)
+        max_dev = (ratio - 1.0).abs().max()
+    return PolicyLoss(loss, ratio.detach().mean(), clip_fraction, approx_kl, max_dev)
 
 
 def score_function_loss(log_prob: torch.Tensor, advantages: torch.Tensor) -> PolicyLoss:
     """DDPO-SF (REINFORCE): ``mean(-A log p)``; on-policy, so the ratio is 1 by construction."""
     loss = (-advantages * log_prob).mean()
     zero = torch.zeros((), device=log_prob.device)
-    return PolicyLoss(loss, torch.ones((), device=log_prob.device), zero, zero)
+    return PolicyLoss(loss, torch.ones((), device=log_prob.device), zero, zero, zero)
 
 
 def gaussian_kl(mean: torch.Tensor, reference_mean: torch.Tensor, std: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -152,4 +154,4 @@ def subsample_timesteps(
         raise ValueError("no stochastic step to train: eta is 0 or the SDE window is empty.")
     keep = max(1, int(torch.tensor(fraction * len(stochastic)).ceil().item()))
     orders = [stochastic[torch.randperm(len(stochastic), generator=generator)[:keep]] for _ in range(batch_size)]
-    return torch.stack(orders)
+    return torch.stack(orders) if orders else torch.empty(0, keep, dtype=torch.long)

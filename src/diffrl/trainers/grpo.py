@@ -43,7 +43,8 @@ class GRPOTrainer(Trainer):
         cfg = self.config.train
         batch_std = None
         if cfg.advantage_scale == "batch":
-            batch_std = gathered.rewards[gathered.valid].std(unbiased=False).item()
+            kept = gathered.rewards[gathered.valid]
+            batch_std = kept.std(unbiased=False).item() if len(kept) else 1.0  # nothing kept: every advantage is 0
         advantages = group_advantages(
             samples.rewards, cfg.group_size, samples.valid, scale=cfg.advantage_scale, batch_std=batch_std
         )
