@@ -51,6 +51,37 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
         assert find_checkpoint(tmp_path, "latest").name == "epoch-000001"
 
 
+@pytest.mark.parametrize(
+    "manifest",
+    [{}, {"files": {}}, {"files": []}, [], {"files": {"config.json": {"size": "big"}}}],
+    ids=["empty object", "no files", "files not a mapping", "not an object", "entry without checksum"],
+)
+def test_a_damaged_manifest_is_corrupt_and_latest_falls_back(tmp_path, manifest):
+    save(tmp_path, 1)
+    newest = save(tmp_path, 2)
+    (newest / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CorruptCheckpointError, match="damaged manifest.json"):
+        verify_checkpoint(newest)
+    with pytest.warns(UserWarning, match="Using the previous checkpoint"):
+        assert find_checkpoint(tmp_path, "latest").name == "epoch-000001"
+
+
+def test_a_manifest_that_leaves_out_a_required_file_is_corrupt(tmp_path):
+    newest = save(tmp_path, 1)
+    manifest = json.loads((newest / "manifest.json").read_text())
+    del manifest["files"]["optimizer.safetensors"]
+    (newest / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CorruptCheckpointError, match="no entry for optimizer.safetensors"):
+        verify_checkpoint(newest)
+
+
+def test_only_damaged_checkpoints_say_so_instead_of_asking_for_a_fresh_start(tmp_path):
+    newest = save(tmp_path, 1)
+    (newest / "manifest.json").write_text("{}")
+    with pytest.warns(UserWarning), pytest.raises(CorruptCheckpointError, match="none of the 1 checkpoint"):
+        find_checkpoint(tmp_path, "latest")
+
+
 def test_a_checkpoint_without_manifest_is_incomplete(tmp_path):
     newest = save(tmp_path, 1)
     (newest / "manifest.json").unlink()
@@ -59,7 +90,7 @@ def test_a_checkpoint_without_manifest_is_incomplete(tmp_path):
 
 
 def test_resume_latest_without_checkpoints_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no intact checkpoint .* start the run without --resume"):
+    with pytest.raises(FileNotFoundError, match="no checkpoint under .* start the run without --resume"):
         find_checkpoint(tmp_path, "latest")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         find_checkpoint(tmp_path, str(tmp_path / "nope"))

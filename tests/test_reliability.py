@@ -24,7 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
+from filelock import FileLock
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from tiny_run import small_config
 
@@ -47,6 +50,8 @@ def score(images, prompts, metadata):
         return torch.zeros(len(prompts), 2)
     if mode == "raise":
         raise RuntimeError("the scorer lost its GPU")
+    if mode == "exit":
+        raise SystemExit(0)
     return images.mean(dim=(1, 2, 3))
 """
 
@@ -92,10 +97,11 @@ def setup(random_sd_dir, tmp_path_factory) -> Setup:
 
 
 def snapshot(directory: Path) -> dict[str, str]:
+    """Every file's hash; the run's lock file (empty, made by the first command in a folder) is not data."""
     return {
         str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(directory.rglob("*"))
-        if p.is_file()
+        if p.is_file() and p.name != ".lock"
     }
 
 
@@ -182,14 +188,44 @@ def disk_full(setup: Setup, tmp_path: Path) -> Attempt:
     return attempt
 
 
-def prompt_file(text: str | None):
+def disk_full_in_safetensors(setup: Setup, tmp_path: Path) -> Attempt:
+    """The adapter is written by diffusers through safetensors, whose full-disk error is not an OSError."""
+    original = safetensors.torch.save_file
+
+    def full_disk(tensors, filename, *args, **kwargs):
+        Path(filename).write_bytes(b"\x00" * 10)
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No '
+                              'space left on device" })')  # fmt: skip
+
+    safetensors.torch.save_file = full_disk
+    attempt = on_finished_run(setup, "--resume", "latest", "--train.epochs", "2")
+    attempt.cleanup.append(lambda: setattr(safetensors.torch, "save_file", original))
+    attempt.metrics_may_grow = True
+    return attempt
+
+
+def prompt_file(text: str | bytes | None, directory: bool = False):
     def case(setup: Setup, tmp_path: Path) -> Attempt:
         path = tmp_path / "prompts.txt"
-        if text is not None:
+        if directory:
+            path.mkdir()
+        elif isinstance(text, bytes):
+            path.write_bytes(text)
+        elif text is not None:
             path.write_text(text)
         return fresh(setup, tmp_path, "--prompts.train", str(path))
 
     return case
+
+
+def directory_in_use(setup: Setup, tmp_path: Path) -> Attempt:
+    """Another run holds the folder's lock (this test takes it, as a second process would)."""
+    attempt = fresh(setup, tmp_path)
+    attempt.output_dir.mkdir(parents=True)
+    lock = FileLock(attempt.output_dir / ".lock", timeout=0)
+    lock.acquire()
+    attempt.cleanup.append(lock.release)
+    return attempt
 
 
 def model_without_index(setup: Setup, tmp_path: Path) -> Attempt:
@@ -265,7 +301,7 @@ CASES = {
     ),
     "--resume latest with no checkpoints": (
         lambda s, t: Attempt(["--resume", "latest"], t / "empty", s.run),
-        r"no intact checkpoint .*start the run without --resume",
+        r"no checkpoint under .* and no run to restart; start the run without --resume",
     ),
     "corrupt checkpoint named for resume": (
         corrupt_checkpoint_named,
@@ -275,8 +311,43 @@ CASES = {
         lambda s, t: on_finished_run(s),
         r"already holds a run.*--resume latest, or choose another logging.output_dir",
     ),
+    "reward calls sys.exit": (resume_with_reward("exit"), r"reward .* raised SystemExit"),
+    "NaN gradient clipping norm": (
+        lambda s, t: fresh(s, t, "--train.max_grad_norm", "nan"),
+        r"train.max_grad_norm must be a positive finite number",
+    ),
+    "negative gradient clipping norm": (
+        lambda s, t: fresh(s, t, "--train.max_grad_norm", "-1"),
+        r"train.max_grad_norm must be a positive finite number.*reverses every update",
+    ),
+    "Adam epsilon 0": (lambda s, t: fresh(s, t, "--train.adam_eps", "0"), r"train.adam_eps must be > 0"),
+    "Adam beta of 1.5": (
+        lambda s, t: fresh(s, t, "--train.adam_betas", "1.5,0.999"),
+        r"train.adam_betas must be two numbers in \[0, 1\)",
+    ),
+    "negative weight decay": (
+        lambda s, t: fresh(s, t, "--train.weight_decay", "-5"),
+        r"train.weight_decay must be >= 0",
+    ),
+    "negative seed": (lambda s, t: fresh(s, t, "--train.seed", "-1"), r"train.seed must be >= 0"),
+    "GRPO with groups of one": (
+        lambda s, t: fresh(s, t, "--train.group_size", "1"),
+        r"train.group_size must be >= 2 for GRPO",
+    ),
+    "eta too small to train on": (
+        lambda s, t: fresh(s, t, "--sample.eta", "1e-30"),
+        r"sample.eta=1e-30 is too small to train on.*use sample.eta >= 0.001",
+    ),
+    "prompt file not UTF-8": (prompt_file(b"a red circle\n\xff\xfe blue\n"), r"is not UTF-8 text.*save it as UTF-8"),
+    "a directory as the prompt file": (prompt_file(None, directory=True), r"is a directory; give a text file"),
+    "output directory in use by another run": (directory_in_use, r"is in use by another run that is still going"),
+    # last: these leave the failed epoch's line in the finished run's metrics.jsonl, which a later resume trims
     "disk full while checkpointing": (
         disk_full,
+        r"no space left on the disk while writing checkpoint epoch-000002.*epoch-000001' is intact.*--resume latest",
+    ),
+    "disk full while safetensors writes the adapter": (
+        disk_full_in_safetensors,
         r"no space left on the disk while writing checkpoint epoch-000002.*epoch-000001' is intact.*--resume latest",
     ),
 }
@@ -334,7 +405,8 @@ def test_runs_killed_at_random_points_resume_to_the_same_weights_and_metrics(ran
     """SIGKILL inside sampling, inside training and inside a checkpoint write (after its files, before its rename);
     each time the run is restarted with --resume latest. It ends where an uninterrupted run ends, bitwise."""
     epochs = 4
-    settings = ["--train.epochs", str(epochs), "--train.algorithm", "ddpo_is", "--train.num_inner_epochs", "2"]
+    settings = ["--train.epochs", str(epochs), "--train.algorithm", "ddpo_is", "--train.num_inner_epochs", "2",
+                "--reward.spec", "rewards_helpers:brightness"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(KILLABLE.parent), "OMP_NUM_THREADS": "1"}
 
     def start(run: Path, markers: Path) -> subprocess.Popen:

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shutil
 
 import pytest
 from PIL import Image
@@ -117,3 +118,14 @@ def test_the_sweep_and_gap_evaluation_run_unchanged_on_flux(random_flux_dir, tmp
         for cell in result["steps"].values():
             assert cell["gap"] == pytest.approx(cell["ode"] - cell["sde"], abs=1e-6)  # float32 means
     assert (tmp_path / "out" / "sweep.md").exists()
+
+
+def test_report_skips_a_torn_metrics_line(sweep, tmp_path, capsys):
+    _, out, _ = sweep
+    run = tmp_path / "run"
+    shutil.copytree(out / "eta=1" / "seed=0", run)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 2, "reward/me')  # a kill in the middle of a write
+    assert report_main([str(run)]) == 0
+    assert "skipped 1 line(s) that are not whole metrics records" in capsys.readouterr().out
+    assert (run / "report" / "report.md").is_file()

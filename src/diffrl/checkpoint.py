@@ -27,8 +27,20 @@ from diffrl.config import Config, ConfigError
 
 CHECKPOINT_PREFIX = "epoch-"
 MANIFEST = "manifest.json"
-# Keys that may differ between a run and its resumption: where and how it logs, how long it runs, evaluation.
-RESUMABLE_DIFFERENCES = ("logging.", "train.epochs", "eval.")
+# files every checkpoint has (the adapter folder holds one weights file, whose name depends on LoRA or full tuning)
+REQUIRED_FILES = ("optimizer.safetensors", "optimizer.json", "trainer_state.json", "config.json")
+# Keys that may differ between a run and its resumption: where and how it logs, how long it runs, evaluation, and
+# settings that change how fast or how checked a step runs but not what it computes. A resume says which changed.
+RESUMABLE_DIFFERENCES = (
+    "logging.",
+    "train.epochs",
+    "eval.",
+    "model.compile",
+    "model.gradient_checkpointing",
+    "model.channels_last",
+    "reward.overlap",
+    "train.check_on_policy",
+)
 
 
 _USE_ANOTHER = " Resume from an earlier checkpoint, or with --resume latest (which skips damaged ones)."
@@ -68,9 +80,21 @@ def verify_checkpoint(directory: Path) -> None:
         raise CorruptCheckpointError(f"checkpoint {str(directory)!r} has no {MANIFEST}; it was not completed.")
     try:
         manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CorruptCheckpointError(f"checkpoint {str(directory)!r} has an unreadable manifest: {error}") from None
-    for relative, entry in manifest["files"].items():
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    entries_ok = isinstance(files, dict) and all(
+        isinstance(e, dict) and isinstance(e.get("size"), int) and isinstance(e.get("sha256"), str)
+        for e in files.values()
+    )
+    listed = set(files) if entries_ok else set()
+    missing = [name for name in REQUIRED_FILES if name not in listed]
+    if not entries_ok or missing or not any(name.startswith("adapter/") for name in listed):
+        what = "no file list" if not entries_ok else f"no entry for {', '.join(missing) or 'the adapter'}"
+        raise CorruptCheckpointError(
+            f"checkpoint {str(directory)!r} has a damaged {MANIFEST} ({what}), so it cannot be verified.{_USE_ANOTHER}"
+        )
+    for relative, entry in files.items():
         path = directory / relative
         if not path.is_file():
             raise CorruptCheckpointError(f"checkpoint {str(directory)!r} is missing {relative}.{_USE_ANOTHER}")
@@ -120,11 +144,11 @@ def save_checkpoint(
         os.replace(tmp, final)
     except BaseException as error:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        if is_disk_full(error):
             previous = checkpoint_dirs(output_dir)
             kept = f"checkpoint {str(previous[-1])!r} is intact" if previous else "no checkpoint exists yet"
             raise OSError(
-                error.errno,
+                errno.ENOSPC,
                 f"no space left on the disk while writing checkpoint {final.name} under {str(root)!r}; the partial "
                 f"write was removed and {kept}. Free space (or lower logging.keep_last) and continue with "
                 "--resume latest.",
@@ -133,6 +157,15 @@ def save_checkpoint(
     for old in checkpoint_dirs(output_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """An OSError for a full disk or quota, or a library's error that wraps one (safetensors raises
+    ``SafetensorError: ... No space left on device (os error 28)``)."""
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(error)
+    return any(marker in text for marker in ("No space left on device", "os error 28", "Disk quota exceeded"))
 
 
 def _save_optimizer(directory: Path, optimizer, lr_scheduler) -> None:
@@ -181,8 +214,14 @@ def find_checkpoint(output_dir: Path, resume: str) -> Path:
             warnings.warn(f"{error} Using the previous checkpoint.", stacklevel=2)
             continue
         return directory
+    if candidates:
+        raise CorruptCheckpointError(
+            f"--resume latest: none of the {len(candidates)} checkpoint(s) under "
+            f"{str(Path(output_dir) / 'checkpoints')!r} is intact; move that folder aside to start the run again, or "
+            "choose another logging.output_dir."
+        )
     raise FileNotFoundError(
-        f"--resume latest: no intact checkpoint under {str(Path(output_dir) / 'checkpoints')!r}; "
+        f"--resume latest: no checkpoint under {str(Path(output_dir) / 'checkpoints')!r} and no run to restart; "
         "start the run without --resume."
     )
 

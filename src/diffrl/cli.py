@@ -15,6 +15,7 @@ Recipes also run on their own: ``python recipes/grpo_tiny.py ...`` or ``accelera
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import os
 import sys
@@ -31,16 +32,35 @@ USER_ERRORS = (ConfigError, RewardError, CorruptCheckpointError, FloatingPointEr
 
 
 def load_recipe(path: str) -> Callable[[], Config]:
-    """The ``config`` function of a recipe file."""
+    """The ``config`` function of a recipe file; calling it checks that it returns a :class:`Config`."""
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"recipe {path!r} does not exist; give a file such as recipes/grpo_tiny.py.")
     spec = importlib.util.spec_from_file_location(f"diffrl_recipe_{file.stem}", file)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not callable(getattr(module, "config", None)):
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as error:
+        raise ConfigError(f"recipe {path!r} has a syntax error at line {error.lineno}: {error.msg}.") from None
+    except Exception as error:
+        raise ConfigError(f"recipe {path!r} failed to load: {type(error).__name__}: {error}") from None
+    config_fn = getattr(module, "config", None)
+    if not callable(config_fn):
         raise ConfigError(f"recipe {path!r} defines no config() function returning a diffrl Config.")
-    return module.config
+    return functools.partial(call_config, config_fn, f"recipe {path!r}")
+
+
+def call_config(config_fn: Callable[[], Config], where: str) -> Config:
+    """``config_fn()``, checked: an exception or anything but a :class:`Config` is a :class:`ConfigError`."""
+    try:
+        config = config_fn()
+    except ConfigError:
+        raise
+    except Exception as error:
+        raise ConfigError(f"{where}: config() raised {type(error).__name__}: {error}") from None
+    if not isinstance(config, Config):
+        raise ConfigError(f"{where}: config() returned {type(config).__name__}; it must return a diffrl Config.")
+    return config
 
 
 def _train_parser(prog: str) -> argparse.ArgumentParser:
@@ -61,7 +81,7 @@ def run_recipe(config_fn: Callable[[], Config], argv: list[str], prog: str) -> i
 
     args, overrides = _train_parser(prog).parse_known_args(argv)
     try:
-        config = apply_overrides(config_fn(), overrides)
+        config = apply_overrides(call_config(config_fn, prog), overrides)
     except ConfigError as error:
         print(f"{prog}: config error: {error}", file=sys.stderr)
         return 2
@@ -77,6 +97,15 @@ def run_recipe(config_fn: Callable[[], Config], argv: list[str], prog: str) -> i
             raise
         print(f"{prog}: error: {error}\n(set DIFFRL_TRACEBACK=1 to see the traceback)", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        if os.environ.get("DIFFRL_TRACEBACK"):
+            raise
+        print(
+            f"{prog}: interrupted; checkpoints in {config.logging.output_dir} are intact (a checkpoint is written "
+            "whole or not at all). Continue with --resume latest.",
+            file=sys.stderr,
+        )
+        return 130
     return 0
 
 
@@ -87,16 +116,6 @@ def recipe_main(config_fn: Callable[[], Config]) -> None:
 
 def run_eval(argv: list[str]) -> int:
     """Evaluate a saved LoRA (or the base model of a recipe) at every (steps, eta): ODE vs SDE from the same noise."""
-    import json
-
-    import torch
-
-    from diffrl import policies
-    from diffrl.checkpoint import find_checkpoint
-    from diffrl.evaluation import evaluate_with_config
-    from diffrl.rewards import weighted_sum
-    from diffrl.trainers.base import load_eval_prompts
-
     parser = argparse.ArgumentParser(prog="diffrl eval", description=run_eval.__doc__)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="a checkpoint folder, or a run folder (its latest checkpoint)")
@@ -106,19 +125,56 @@ def run_eval(argv: list[str]) -> int:
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args, overrides = parser.parse_known_args(argv)
     try:
-        if args.checkpoint:
-            directory = Path(args.checkpoint)
-            if not (directory / "manifest.json").is_file():
-                directory = find_checkpoint(directory, "latest")
-            config = apply_overrides(Config.load(directory / "config.json"), overrides)
-        else:
-            directory = None
-            config = apply_overrides(load_recipe(args.recipe)(), overrides)
-        etas = [float(e) for e in args.eta.split(",")] if args.eta else [0.0, config.sample.eta]
-        steps = [int(n) for n in args.steps.split(",")] if args.steps else [config.eval.num_steps]
-    except (FileNotFoundError, ConfigError, ValueError) as error:
-        print(f"diffrl eval: {error}", file=sys.stderr)
+        return _evaluate(args, overrides)
+    except (*USER_ERRORS, FileNotFoundError) as error:
+        if os.environ.get("DIFFRL_TRACEBACK"):
+            raise
+        print(f"diffrl eval: error: {error}\n(set DIFFRL_TRACEBACK=1 to see the traceback)", file=sys.stderr)
         return 2
+
+
+def _checkpoint_to_evaluate(path: str) -> Path:
+    """A checkpoint folder (verified against its manifest), or a run folder's newest intact checkpoint."""
+    from diffrl.checkpoint import find_checkpoint, verify_checkpoint
+
+    directory = Path(path)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"--checkpoint {path!r} does not exist; give a checkpoint folder or a run folder.")
+    if (directory / "manifest.json").is_file():
+        verify_checkpoint(directory)
+        return directory
+    if not (directory / "checkpoints").is_dir():
+        raise FileNotFoundError(f"--checkpoint {path!r} is neither a checkpoint folder nor a run folder with one.")
+    return find_checkpoint(directory, "latest")
+
+
+def _evaluate(args: argparse.Namespace, overrides: list[str]) -> int:
+    import json
+
+    import torch
+
+    from diffrl import policies
+    from diffrl.evaluation import evaluate_with_config
+    from diffrl.rewards import weighted_sum
+    from diffrl.rewards.registry import code_rewards
+    from diffrl.trainers.base import load_eval_prompts
+
+    if args.checkpoint:
+        directory = _checkpoint_to_evaluate(args.checkpoint)
+        config = apply_overrides(Config.load(directory / "config.json"), overrides)
+        named = any(o.split("=")[0] in ("--reward", "--reward.spec") for o in overrides)
+        code = code_rewards(config.reward.spec)
+        if code and not named:
+            raise ConfigError(
+                f"the checkpoint's config names reward code to run ({', '.join(code)}); a checkpoint from elsewhere "
+                f"should not run code it names. To run it, name it yourself: --reward '{config.reward.spec}' (or "
+                "evaluate with another reward)."
+            )
+    else:
+        directory = None
+        config = apply_overrides(load_recipe(args.recipe)(), overrides)
+    etas = [float(e) for e in args.eta.split(",")] if args.eta else [0.0, config.sample.eta]
+    steps = [int(n) for n in args.steps.split(",")] if args.steps else [config.eval.num_steps]
     torch.manual_seed(config.train.seed)
     policy = policies.load(config)
     if directory is not None:

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+MIN_TRAINING_ETA = 1e-3  # below it a training step's log-probability is float32 rounding noise
+
 
 class ConfigError(ValueError):
     """A config value that cannot be used; the message says what to change."""
@@ -189,6 +191,12 @@ class RewardConfig:
 
     def __post_init__(self) -> None:
         _require(bool(self.spec), "reward.spec is empty; name a reward (e.g. 'shapes').")
+        for name, value in self.kwargs.items():
+            _require(
+                isinstance(value, dict),
+                f"reward.kwargs[{name!r}] must be an object of keyword arguments, e.g. "
+                f'{{"{name}": {{"batch_size": 8}}}}; got {value!r}.',
+            )
         _require(
             self.on_invalid in ("raise", "drop"),
             f"reward.on_invalid must be 'raise' or 'drop'; got {self.on_invalid!r}.",
@@ -262,6 +270,25 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "gradient_accumulation_steps", "num_inner_epochs", "group_size"):
             _require(getattr(self, name) >= 1, f"train.{name} must be >= 1; got {getattr(self, name)}.")
         _require(self.lr > 0 and math.isfinite(self.lr), f"train.lr must be a positive number; got {self.lr}.")
+        _require(
+            math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0,
+            f"train.max_grad_norm must be a positive finite number (the gradient is scaled down to this norm; a "
+            f"negative one reverses every update, 0 stops learning); got {self.max_grad_norm}.",
+        )
+        _require(
+            math.isfinite(self.adam_eps) and self.adam_eps > 0,
+            f"train.adam_eps must be > 0 (AdamW divides by sqrt(v) + eps; 0 gives NaN weights where a gradient is "
+            f"0); got {self.adam_eps}. 1e-8 is the usual value.",
+        )
+        _require(
+            all(math.isfinite(b) and 0 <= b < 1 for b in self.adam_betas),
+            f"train.adam_betas must be two numbers in [0, 1), e.g. 0.9,0.999; got {list(self.adam_betas)}.",
+        )
+        _require(
+            math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+            f"train.weight_decay must be >= 0; got {self.weight_decay}.",
+        )
+        _require(self.seed >= 0, f"train.seed must be >= 0; got {self.seed}.")
         _require(self.clip_range > 0, f"train.clip_range must be > 0; got {self.clip_range}.")
         _require(self.adv_clip_max > 0, f"train.adv_clip_max must be > 0; got {self.adv_clip_max}.")
         _require(
@@ -350,6 +377,11 @@ class Config:
         sample, train = self.sample, self.train
         if train.algorithm == "grpo":
             _require(
+                train.group_size >= 2,
+                f"train.group_size must be >= 2 for GRPO: advantages are rewards relative to their group, so a group "
+                f"of {train.group_size} image has none to learn from; got {train.group_size}.",
+            )
+            _require(
                 sample.batch_size % train.group_size == 0,
                 f"sample.batch_size ({sample.batch_size}) must be a multiple of train.group_size ({train.group_size}) "
                 "so that every group of K images is sampled by one process in one batch.",
@@ -386,6 +418,12 @@ class Config:
                 "sample.eta=0 samples deterministically (the ODE), so trajectories have no log-probability to train "
                 "on; set sample.eta > 0 (1.0 is the DDPM posterior) and evaluate at eta=0 instead."
             )
+        _require(
+            sample.eta >= MIN_TRAINING_ETA,
+            f"sample.eta={sample.eta:g} is too small to train on: a step's std is about eta times the latent's scale, "
+            f"and below {MIN_TRAINING_ETA:g} the float32 rounding of the stored latents, not the policy, decides "
+            f"its log-probability (or the std underflows to 0); use sample.eta >= {MIN_TRAINING_ETA:g}.",
+        )
 
     # ------------------------------------------------------------------------------------------------------------
     # serialisation

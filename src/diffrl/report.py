@@ -33,7 +33,22 @@ def load_metrics(run: Path) -> list[dict]:
     path = run / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{run} has no metrics.jsonl; give a run folder or a sweep folder.")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows, torn = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            torn += 1  # a write cut short by a kill; a resumed run drops such lines itself
+            continue
+        if isinstance(row, dict) and "epoch" in row:
+            rows.append(row)
+        else:
+            torn += 1
+    if torn:
+        print(f"{path}: skipped {torn} line(s) that are not whole metrics records (a write cut short by a kill).")
+    return rows
 
 
 def eval_names(metrics: list[dict]) -> tuple[str | None, list[float]]:

@@ -124,7 +124,8 @@ def run_sweep(
             config = apply_overrides(
                 base, ["--sample.eta", str(eta), "--train.seed", str(seed), "--logging.output_dir", str(directory)]
             )
-            resume = "latest" if any((directory / "checkpoints").glob("epoch-*")) else None
+            # a run killed before its first checkpoint has only its config: --resume latest starts it again
+            resume = "latest" if (directory / "config.json").exists() else None
             print(f"sweep: training eta={eta:g} seed={seed}" + (" (resuming)" if resume else ""), flush=True)
             train(config, resume=resume)
             _write_json(directory / RESULT, evaluate_run(config, directory, steps))

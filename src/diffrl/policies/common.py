@@ -145,7 +145,17 @@ class LoraModel:
         state = out[0] if isinstance(out, tuple) else out
         prefix = f"{self.component}."
         own = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
-        result = set_peft_model_state_dict(self.model, convert_unet_state_dict_to_peft(own), "default")
+        converted = convert_unet_state_dict_to_peft(own)
+        expected = get_peft_model_state_dict(self.model, adapter_name="default")
+        for key, value in converted.items():
+            mine = expected.get(key.replace(".default", ""), expected.get(key))
+            if mine is not None and mine.shape != value.shape:
+                raise ValueError(
+                    f"LoRA weights in {str(directory)!r} do not fit this policy's LoRA: {key} is "
+                    f"{tuple(value.shape)} there and {tuple(mine.shape)} here (another lora.rank or model); set lora "
+                    "to the settings the adapter was trained with."
+                )
+        result = set_peft_model_state_dict(self.model, converted, "default")
         unexpected = getattr(result, "unexpected_keys", None)
         if unexpected or not own:
             raise ValueError(

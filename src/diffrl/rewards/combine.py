@@ -102,7 +102,10 @@ class WeightedSum:
         for name, (fn, weight) in self.rewards.items():
             try:
                 raw = fn(images, prompts, metadata)
-            except Exception as error:
+            except KeyboardInterrupt:
+                raise
+            except BaseException as error:  # SystemExit too: a reward that calls sys.exit() must not end the run
+                # with exit status 0 and nothing trained
                 where = f"reward {name!r}" + ("" if batch_index is None else f" (batch {batch_index})")
                 raise RewardError(f"{where} raised {type(error).__name__}: {error}") from error
             scores = check_scores(name, raw, batch_size, batch_index)

@@ -127,6 +127,16 @@ def parse_reward_spec(text: str) -> dict[str, float]:
     return weights
 
 
+def code_rewards(spec: str) -> list[str]:
+    """The parts of a reward spec that name code to import and run (``module:function`` or ``file.py:function``),
+    as opposed to registry names and reward servers."""
+    try:
+        names = parse_reward_spec(spec)
+    except ValueError:
+        return [spec]
+    return [n for n in names if n not in REGISTRY and not n.startswith(("http://", "https://")) and ":" in n]
+
+
 def weighted_sum(
     rewards: str | Reward | Mapping[str | Callable, float],
     kwargs: Mapping[str, Mapping[str, object]] | None = None,

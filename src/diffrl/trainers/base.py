@@ -9,6 +9,8 @@ checkpoint of epoch e therefore continues exactly as the uninterrupted run would
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -21,10 +23,19 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from filelock import FileLock, Timeout
 from PIL import Image
 
 from diffrl import policies
-from diffrl.checkpoint import checkpoint_dirs, find_checkpoint, load_checkpoint, save_checkpoint
+from diffrl.checkpoint import (
+    RESUMABLE_DIFFERENCES,
+    checkpoint_dirs,
+    config_differences,
+    find_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    saved_config,
+)
 from diffrl.config import Config, ConfigError
 from diffrl.evaluation import evaluate_with_config
 from diffrl.rewards import Reward, weighted_sum
@@ -32,7 +43,6 @@ from diffrl.rewards.combine import to_uint8
 from diffrl.rewards.server import RemoteReward
 from diffrl.sampling.rollout import Trajectory, moving_window, rollout, select_embeds
 from diffrl.trainers.common import (
-    PolicyLoss,
     clipped_surrogate_loss,
     gaussian_kl,
     score_function_loss,
@@ -47,9 +57,17 @@ def load_prompts(source: str) -> list[str]:
 
         return load_tiny(source.removeprefix("tiny:"))
     path = Path(source).expanduser()
+    if path.is_dir():
+        raise ConfigError(f"prompt file {source!r} is a directory; give a text file, one prompt a line.")
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {source!r} does not exist; give a text file or 'tiny:train'.")
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"prompt file {source!r} is not UTF-8 text (byte {error.start}: {error.reason}); save it as UTF-8."
+        ) from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise ConfigError(f"prompt file {source!r} has no prompts; write one prompt a line.")
     return prompts
@@ -59,6 +77,20 @@ def load_eval_prompts(config: Config) -> list[str]:
     """The held-out prompts a run evaluates on: the first ``eval.num_prompts`` of ``prompts.eval`` (0: all)."""
     prompts = load_prompts(config.prompts.eval)
     return prompts[: config.eval.num_prompts] if config.eval.num_prompts else prompts
+
+
+def lock_run_directory(output_dir: Path) -> FileLock:
+    """An exclusive lock on ``output_dir/.lock``, held while the run lives (the operating system drops it when the
+    process ends, however it ends): two runs in one directory would delete each other's checkpoints."""
+    lock = FileLock(output_dir / ".lock", timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise ConfigError(
+            f"logging.output_dir {str(output_dir)!r} is in use by another run that is still going; wait for it to "
+            "end, or give this run another logging.output_dir."
+        ) from None
+    return lock
 
 
 def derived_seed(*parts: int) -> int:
@@ -156,9 +188,14 @@ class Trainer:
         self.is_main = self.accelerator.is_main_process
         self.rank = self.accelerator.process_index
         self.world = self.accelerator.num_processes
+        # killed before its first checkpoint: continuing the run is starting it again, with the same config
+        self.restarting = (
+            resume == "latest" and not checkpoint_dirs(self.output_dir) and (self.output_dir / "config.json").exists()
+        )
         set_seed(config.train.seed)  # same LoRA initialisation on every process
         self.policy = policies.load(config, self.accelerator.device)
-        if config.model.init_weights and resume is None:  # a resumed run restores its own checkpoint's weights
+        fresh = resume is None or self.restarting
+        if config.model.init_weights and fresh:  # a resumed run restores its own checkpoint's weights
             try:
                 self.policy.load_adapter(config.model.init_weights)
             except FileNotFoundError as error:
@@ -187,9 +224,35 @@ class Trainer:
         self.start_epoch = 0
         self.global_step = 0
         self.extra_state: dict = {}
+        self.config_changed = False
+        self.lock = None
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-        if resume is not None:
+            self.lock = lock_run_directory(self.output_dir)
+        try:
+            self._start(resume)
+            self.extra_state["prompts_sha256"] = {"train": prompts_digest(self.train_prompts)}
+        except BaseException:
+            if self.lock is not None:
+                self.lock.release()
+            raise
+        self.accelerator.wait_for_everyone()
+
+    def _start(self, resume: str | None) -> None:
+        """Continue the run in ``output_dir`` (``resume``) or start a new one there; open the trackers."""
+        config = self.config
+        if self.restarting:
+            differences = self._differences_from_saved_run()
+            if differences:
+                raise ConfigError(
+                    f"{str(self.output_dir)!r} holds a run with a different config ({', '.join(differences)}) and no "
+                    "checkpoint; resume with the same settings, or start a new run in another logging.output_dir."
+                )
+            print(f"{self.output_dir}: no checkpoint was written yet; starting the run again from epoch 0.")
+            if self.is_main:
+                config.save(self.output_dir / "config.json")
+                (self.output_dir / "metrics.jsonl").write_text("")
+        elif resume is not None:
             self._resume(resume)
         else:
             self._refuse_to_overwrite()
@@ -198,7 +261,6 @@ class Trainer:
                 (self.output_dir / "metrics.jsonl").write_text("")
         if config.logging.tracker != "none":
             self.accelerator.init_trackers(self.output_dir.name, config=_flat(config.to_dict()))
-        self.accelerator.wait_for_everyone()
 
     # ------------------------------------------------------------------------------------------------------------
     # sampling
@@ -290,13 +352,14 @@ class Trainer:
         """Reward statistics of the epoch's global batch."""
         valid = gathered.valid
         kept = gathered.rewards[valid]
+        nothing = not bool(valid.any())  # every sample dropped (reward.on_invalid='drop'): no statistics
         metrics = {
-            "reward/mean": kept.mean().item(),
-            "reward/std": kept.std(unbiased=False).item(),
+            "reward/mean": math.nan if nothing else kept.mean().item(),
+            "reward/std": math.nan if nothing else kept.std(unbiased=False).item(),
             "reward/dropped": int((~valid).sum()),
         }
         for name, values in gathered.parts.items():
-            metrics[f"reward/{name}/mean"] = values[valid].mean().item()
+            metrics[f"reward/{name}/mean"] = math.nan if nothing else values[valid].mean().item()
         return metrics
 
     # ------------------------------------------------------------------------------------------------------------
@@ -336,7 +399,7 @@ class Trainer:
                 noise_schedule=trajectory.noise_schedule, prev_sample=x_prev,
             )  # fmt: skip
             kl = gaussian_kl(out.mean, reference.mean, out.std, cfg.sample.log_prob_reduction).mean()
-            loss = PolicyLoss(loss.loss + cfg.train.kl_coef * kl, loss.ratio_mean, loss.clip_fraction, loss.approx_kl)
+            loss = dataclasses.replace(loss, loss=loss.loss + cfg.train.kl_coef * kl)
         return loss, kl, out.log_prob.detach()
 
     def train_epoch(self, epoch: int, samples: Samples, advantages: torch.Tensor) -> dict[str, float]:
@@ -374,7 +437,7 @@ class Trainer:
                         self.accelerator.backward(loss.loss / (cfg.gradient_accumulation_steps * cols.shape[1]))
                     values = {
                         "loss": loss.loss, "ratio": loss.ratio_mean, "clip_fraction": loss.clip_fraction,
-                        "approx_kl": loss.approx_kl, "kl": kl,
+                        "approx_kl": loss.approx_kl, "kl": kl, "ratio_max_abs_dev": loss.ratio_max_abs_dev,
                     }  # fmt: skip
                     window.append(({name: v.detach() for name, v in values.items()}, cols[:, k]))
                 if last_micro:
@@ -385,7 +448,7 @@ class Trainer:
                     host = torch.cat([table.flatten(), torch.as_tensor(grad_norm).float().reshape(1)]).cpu()
                     table, grad_norm = host[:-1].reshape(table.shape), host[-1]
                     if first_update_dev is None:
-                        first_update_dev = (table[:, names.index("ratio")] - 1.0).abs().max().item()
+                        first_update_dev = table[:, names.index("ratio_max_abs_dev")].max().item()
                     bad_window = self._window_not_finite(table[:, names.index("loss")], [c for _, c in window], epoch)
                     bad_window |= not self._finite(grad_norm, "gradient norm", epoch)
                     if self.world > 1:  # every process skips the same steps
@@ -402,7 +465,12 @@ class Trainer:
                         stats.setdefault("grad_norm", []).append(float(grad_norm))
                     self.optimizer.zero_grad(set_to_none=True)
                     window = []
+        largest = stats.pop("ratio_max_abs_dev", None)
         result = {f"train/{name}": sum(values) / len(values) for name, values in stats.items()}
+        # 0 when every sample was dropped (reward.on_invalid='drop') or fewer remain than one optimizer step takes
+        result["train/optimizer_steps"] = len(stats.get("grad_norm", []))
+        if largest:
+            result["train/ratio_max_abs_dev"] = max(largest)
         if cfg.on_nonfinite == "skip":
             result["train/skipped_steps"] = skipped
             result["sample/nonfinite_log_probs"] = samples.nonfinite_log_probs
@@ -417,16 +485,25 @@ class Trainer:
 
     @torch.no_grad()
     def _check_on_policy(self, samples: Samples, keep: torch.Tensor, advantages: torch.Tensor, epoch: int) -> float:
-        """Re-score every stochastic step of every sample with the sampling weights: max |ratio - 1|."""
+        """Re-score every stochastic step of every kept sample with the sampling weights: max |ratio - 1|.
+
+        Each step is re-scored on the layout it was sampled in (the sampling batch, every row at that step), so
+        the network sees the same batch shapes and the ratio is exactly 1 on any machine whose kernels are
+        deterministic for a given shape. The training pass re-scores other layouts (micro-batches, mixed steps),
+        where a float32 network's output may differ in the last bits (``train/ratio_first_update_max_abs_dev``)."""
         mask = samples.trajectory.sde_mask.nonzero().flatten()
+        kept = torch.zeros(len(samples), dtype=torch.bool)
+        kept[keep] = True
         worst = 0.0
-        for start in range(0, len(keep), self.config.train.batch_size):
-            rows = keep[start : start + self.config.train.batch_size]
+        size = self.config.sample.batch_size
+        for start in range(0, len(samples), size):
+            rows = torch.arange(start, min(start + size, len(samples)))
             for step in mask.tolist():
                 cols = torch.full_like(rows, step)
                 _, _, log_prob = self.step_loss(samples, rows, cols, advantages[rows])
-                ratio = torch.exp(log_prob - samples.trajectory.log_probs[rows, cols])
-                worst = max(worst, (ratio - 1).abs().max().item())
+                ratio = torch.exp(log_prob - samples.trajectory.log_probs[rows, cols])[kept[rows]]
+                if len(ratio):
+                    worst = max(worst, (ratio - 1).abs().max().item())
         return worst
 
     def _window_not_finite(self, losses: torch.Tensor, steps: list[torch.Tensor], epoch: int) -> bool:
@@ -453,12 +530,21 @@ class Trainer:
     def _refuse_to_overwrite(self) -> None:
         """A fresh run never truncates the metrics or checkpoints of an earlier run in the same directory."""
         metrics = self.output_dir / "metrics.jsonl"
-        earlier = bool(checkpoint_dirs(self.output_dir)) or (metrics.exists() and metrics.stat().st_size > 0)
-        if earlier:
+        checkpoints = bool(checkpoint_dirs(self.output_dir))
+        if checkpoints or (metrics.exists() and metrics.stat().st_size > 0):
+            again = "" if checkpoints else " (it stopped before its first checkpoint, so it starts again at epoch 0)"
             raise FileExistsError(
                 f"logging.output_dir {str(self.output_dir)!r} already holds a run (metrics or checkpoints); continue "
-                "it with --resume latest, or choose another logging.output_dir (nothing there was changed)."
+                f"it with --resume latest{again}, or choose another logging.output_dir (nothing there was changed)."
             )
+
+    def _differences_from_saved_run(self) -> list[str]:
+        saved = saved_config(self.output_dir)
+        return [
+            key
+            for key in config_differences(saved, self.config.to_dict())
+            if not key.startswith(RESUMABLE_DIFFERENCES)
+        ]
 
     # ------------------------------------------------------------------------------------------------------------
     # evaluation, logging, checkpoints
@@ -524,6 +610,7 @@ class Trainer:
         every = self.config.logging.checkpoint_every
         if not (final or (every > 0 and completed % every == 0)):
             return
+        self.check_weights(completed)
         self.accelerator.wait_for_everyone()
         if self.is_main:
             save_checkpoint(
@@ -536,7 +623,21 @@ class Trainer:
                 state={"global_step": self.global_step, "num_processes": self.world, **self.extra_state},
                 keep_last=self.config.logging.keep_last,
             )
+            if self.config_changed:  # a resume with changed settings: the run's config is its checkpoints' now
+                self.config.save(self.output_dir / "config.json")
+                self.config_changed = False
         self.accelerator.wait_for_everyone()
+
+    def check_weights(self, completed: int) -> None:
+        """Refuse to checkpoint weights that hold NaN or inf: finite gradients can still make them (an optimizer
+        setting, an overflow in the update), and a checkpoint of them would replace the last good one."""
+        bad = [i for i, p in enumerate(self.params) if not bool(torch.isfinite(p.detach()).all())]
+        if bad:
+            raise FloatingPointError(
+                f"after epoch {completed} {len(bad)} of {len(self.params)} trained weight tensors hold NaN or inf; "
+                "no checkpoint was written (the last one is intact). Check train.lr, train.adam_eps and "
+                "train.max_grad_norm, or resume from the last checkpoint with a lower train.lr."
+            )
 
     def _resume(self, resume: str) -> None:
         directory = find_checkpoint(self.output_dir, resume)
@@ -556,7 +657,15 @@ class Trainer:
                 f"{self.world}; sample.batch_size is per process, so the global batch would change. Resume with "
                 f"{written_by} process(es) or start a new run in another logging.output_dir."
             )
+        trained_on = state.pop("prompts_sha256", {}).get("train")
+        if trained_on is not None and trained_on != prompts_digest(self.train_prompts):
+            raise ConfigError(
+                f"the training prompts ({self.config.prompts.train}) are not those checkpoint {str(directory)!r} was "
+                "trained on (the file's contents changed); restore them, or start a new run in another "
+                "logging.output_dir."
+            )
         self.extra_state = state
+        self._report_resume(directory)
         if self.is_main:
             metrics = self.output_dir / "metrics.jsonl"
             lines = metrics.read_text().splitlines() if metrics.exists() else []
@@ -565,10 +674,29 @@ class Trainer:
             tmp.write_text("".join(line + "\n" for line in kept))
             os.replace(tmp, metrics)
 
+    def _report_resume(self, directory: Path) -> None:
+        """Say what was resumed, which resumable settings changed (and save the config the run now has), and whether
+        the run is already finished."""
+        saved, current = saved_config(directory), self.config.to_dict()
+        changes = config_differences(saved, current)
+        epochs = self.config.train.epochs
+        line = f"resumed from {directory.name} of {self.output_dir} (epoch {self.start_epoch} of {epochs})"
+        if changes:
+            line += "; changed since: " + ", ".join(
+                f"{key} {_dotted(saved, key)!r} -> {_dotted(current, key)!r}" for key in changes
+            )
+            self.config_changed = True  # the run's config.json follows with the next checkpoint
+        if self.start_epoch >= epochs:
+            line += f". The run is finished; raise --train.epochs above {epochs} to train it further"
+        if self.is_main:
+            print(line + ".", flush=True)
+
     def finish(self) -> None:
         """End the run: close trackers and the process group (an open group can abort the interpreter at exit)."""
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
+        if self.lock is not None:
+            self.lock.release()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
@@ -592,6 +720,19 @@ def _logged_epoch(line: str) -> float:
         return json.loads(line)["epoch"]
     except (json.JSONDecodeError, KeyError, TypeError):
         return math.inf
+
+
+def _dotted(data: dict, key: str):
+    for part in key.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return None
+        data = data[part]
+    return data
+
+
+def prompts_digest(prompts: list[str]) -> str:
+    """SHA-256 of a prompt list: saved with each checkpoint, so a resume notices an edited prompt file."""
+    return hashlib.sha256("\n".join(prompts).encode()).hexdigest()
 
 
 def _flat(data: dict, prefix: str = "") -> dict:
