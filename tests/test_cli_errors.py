@@ -226,3 +226,28 @@ def test_resume_says_what_it_resumed_and_what_changed_and_refuses_edited_prompts
     prompts.write_text("a red circle\nfour blue squares\n")
     with pytest.raises(ConfigError, match="training prompts .* are not those checkpoint .* was trained on"):
         make_trainer(apply_overrides(config, ["--train.epochs", "3"]), reward=brightness, resume="latest")
+
+
+def test_train_takes_a_yaml_or_json_config_file_with_overrides(random_sd_dir, tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"model:\n  path: {random_sd_dir}\nsample:\n  num_steps: 2\n  batch_size: 8\n  num_batches_per_epoch: 1\n"
+        f"train:\n  epochs: 1\n  batch_size: 4\neval:\n  every_epochs: 0\n"
+        f"logging:\n  output_dir: {tmp_path / 'a'}\n  progress_bars: false\n"
+    )
+    assert cli_main(["train", "--config", str(config), "--train.lr", "1e-3", "--reward", "jpeg_compressibility"]) == 0
+    saved = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert saved["train"]["lr"] == 1e-3 and saved["sample"]["num_steps"] == 2
+    # a finished run's config.json runs the same settings again, into another folder
+    again = ["train", str(tmp_path / "a" / "config.json"), "--logging.output_dir", str(tmp_path / "b")]
+    assert cli_main(again) == 0
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["train"]["lr"] == 1e-3
+    config.write_text("train:\n  epoch: 3\n")
+    assert cli_main(["train", "--config", str(config)]) == 2
+    assert "unknown config key 'train.epoch'; did you mean 'train.epochs'" in capsys.readouterr().err
+
+
+def test_train_help_needs_no_recipe(capsys):
+    assert cli_main(["train", "--help"]) == 0
+    assert "--sample.eta" in capsys.readouterr().out
+    assert cli_main(["train"]) == 2

@@ -1,6 +1,7 @@
 """Command line.
 
     diffrl train RECIPE [--resume DIR|latest] [--section.key value ...]
+    diffrl train --config run.yaml [--section.key value ...]      (or a run's config.json: the same run again)
     diffrl eval (--checkpoint DIR | --recipe RECIPE) [--eta 0,1.0,1.2] [--steps 10,20,50] [--section.key value ...]
     diffrl sweep RECIPE --eta 0.5,1.0,1.2,2.0 --seeds 3 [--eval-steps 10,20] [--out DIR] [--section.key value ...]
     diffrl report RUN_OR_SWEEP_DIR
@@ -23,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from diffrl.checkpoint import CorruptCheckpointError
-from diffrl.config import Config, ConfigError, apply_overrides, describe
+from diffrl.config import CONFIG_SUFFIXES, Config, ConfigError, apply_overrides, describe
 from diffrl.rewards.combine import RewardError
 
 # Errors that mean "change this input" (config, files, rewards, checkpoints, disk, non-finite values): the
@@ -226,8 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="diffrl", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    train_cmd = commands.add_parser("train", help="train with a recipe", add_help=False)
-    train_cmd.add_argument("recipe")
+    commands.add_parser("train", help="train with a recipe or a config file (JSON, YAML)", add_help=False)
     commands.add_parser("config", help="list every config key with its default and help")
     commands.add_parser("eval", help="evaluate a checkpoint or a base model: ODE vs SDE", add_help=False)
     commands.add_parser("serve-reward", help="serve one reward over HTTP for training elsewhere", add_help=False)
@@ -249,12 +249,29 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "eval":
         return run_eval(rest)
+    recipe = rest.pop(0) if rest and not rest[0].startswith("-") else None
+    config_file = None
+    if "--config" in rest:
+        i = rest.index("--config")
+        config_file = rest[i + 1] if i + 1 < len(rest) else ""
+        del rest[i : i + 2]
+    if config_file is not None and recipe is not None:
+        print("diffrl train: give a recipe or --config FILE, not both.", file=sys.stderr)
+        return 2
+    source = config_file or recipe
+    if source is None:  # `diffrl train --help`, or nothing given: the keys and how to start
+        _train_parser("diffrl train RECIPE_OR_CONFIG").print_help()
+        return 0 if "-h" in rest or "--help" in rest else 2
     try:
-        config_fn = load_recipe(args.recipe)
+        if source.endswith(CONFIG_SUFFIXES):
+            Config.load(source)  # a missing or invalid file is reported here, before anything loads
+            config_fn = functools.partial(Config.load, source)
+        else:
+            config_fn = load_recipe(source)
     except (FileNotFoundError, ConfigError) as error:
         print(f"diffrl train: {error}", file=sys.stderr)
         return 2
-    return run_recipe(config_fn, rest, prog=f"diffrl train {args.recipe}")
+    return run_recipe(config_fn, rest, prog=f"diffrl train {source}")
 
 
 if __name__ == "__main__":

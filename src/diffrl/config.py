@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+CONFIG_SUFFIXES = (".json", ".yaml", ".yml")  # config files `diffrl train` takes in place of a recipe
 MIN_TRAINING_ETA = 1e-3  # below it a training step's log-probability is float32 rounding noise
 
 
@@ -448,13 +449,26 @@ class Config:
 
     @classmethod
     def load(cls, path: str | Path) -> Config:
+        """A config file: JSON (``.json``, what every run saves) or YAML (``.yaml`` / ``.yml``), nested by section
+        like ``config.json``; unknown keys and wrong types are errors, as on the command line."""
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist.")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise ConfigError(f"config file {str(path)!r} is not valid JSON: {error}") from None
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            try:
+                data = yaml.safe_load(text) or {}
+            except yaml.YAMLError as error:
+                raise ConfigError(f"config file {str(path)!r} is not valid YAML: {error}") from None
+        else:
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as error:
+                raise ConfigError(f"config file {str(path)!r} is not valid JSON: {error}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections; got {type(data).__name__}.")
         return cls.from_dict(data)
 
 
