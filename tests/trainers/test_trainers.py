@@ -319,3 +319,14 @@ def test_two_processes_gather_the_same_batch_statistics_as_one(random_sd_dir, tm
     single, double = read_metrics(one)[-1], read_metrics(two)[-1]
     for key in ("reward/mean", "reward/std", "reward/zero_std_groups"):
         assert double[key] == pytest.approx(single[key], abs=1e-6), key
+
+
+def test_the_logged_learning_rate_is_the_one_the_epoch_trained_with(random_sd_dir, tmp_path):
+    config = apply_overrides(
+        small_config(str(random_sd_dir), str(tmp_path)),
+        ["--train.lr_schedule", "cosine", "--train.gradient_accumulation_steps", "2", "--train.lr", "1e-2"],
+    )  # two epochs, one update each: the cosine factor is 1 for the first and 0.5 for the second
+    train(config, reward=brightness)
+    first, second = read_metrics(tmp_path)
+    assert first["train/lr"] == pytest.approx(1e-2) and second["train/lr"] == pytest.approx(5e-3)
+    assert first["train/advantage_abs_mean"] > 0 and first["train/optimizer_steps"] == 1

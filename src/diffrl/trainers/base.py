@@ -413,6 +413,7 @@ class Trainer:
         torch.manual_seed(derived_seed(cfg.seed, epoch, self.rank, 2))  # LoRA dropout
         self.policy.denoiser.train()
         stats: dict[str, list[float]] = {}
+        lr = self.lr_scheduler.get_last_lr()[0]  # what this epoch's first update uses (the scheduler steps after)
         skipped = 0
         first_update_dev: float | None = None  # max |ratio - 1| over the first optimizer step's losses
         if cfg.check_on_policy:
@@ -476,7 +477,9 @@ class Trainer:
             result["sample/nonfinite_log_probs"] = samples.nonfinite_log_probs
         if first_update_dev is not None:
             result["train/ratio_first_update_max_abs_dev"] = first_update_dev
-        result["train/lr"] = self.lr_scheduler.get_last_lr()[0]
+        result["train/lr"] = lr
+        kept_advantages = advantages[keep.to(advantages.device)]
+        result["train/advantage_abs_mean"] = kept_advantages.abs().mean().item() if len(keep) else 0.0
         stochastic = samples.trajectory.sde_mask.nonzero().flatten()
         if len(stochastic):
             result["sample/sde_window_start"] = int(stochastic[0])
