@@ -108,3 +108,44 @@ def test_held_out_prompts_are_unseen_combinations_of_seen_atoms():
 def test_bad_split_name_is_rejected():
     with pytest.raises(ValueError, match="split must be"):
         load_prompts("test")
+
+
+def test_loose_captions_never_name_a_held_out_prompt_and_follow_their_rates():
+    from collections import Counter
+
+    from diffrl.tiny.world import Looseness, loose_caption
+
+    train, heldout = split_prompts()
+    allowed = set(train)
+    by_kind = captions_by_kind(train)
+    rng = random.Random(0)
+    exact, total, dropped, partial = Counter(), Counter(), 0, 0
+    looseness = Looseness(attribute_noise=0.4, partial=0.1, drop_color=0.1)
+    for _ in range(4000):
+        scene = sample_caption(rng, by_kind)
+        text = loose_caption(scene, looseness, rng, allowed)
+        assert text not in heldout
+        total[scene.kind] += 1
+        exact[scene.kind] += text == scene.text
+        dropped += not any(word in COLORS for word in text.split())
+        partial += len(scene.groups) == 2 and len(text.split()) <= 3
+    # each attribute stays with probability 0.6 (a single object has 2, a position prompt 5), times 0.9 kept colours
+    assert 0.9 * 0.6**2 - 0.05 < exact["single"] / total["single"] < 0.9 * 0.6**2 + 0.08
+    assert (
+        exact["position"] / total["position"] < exact["binding"] / total["binding"] < exact["count"] / total["count"]
+    )
+    assert 0.07 < dropped / 4000 < 0.13
+    assert 0.03 < partial / 4000 < 0.08  # half the scenes have two objects, a tenth of those are named in part
+
+
+def test_perturbed_captions_keep_two_distinct_colours_and_their_kind():
+    from diffrl.tiny.world import perturb
+
+    rng = random.Random(1)
+    for caption in all_captions():
+        for _ in range(3):
+            changed = perturb(caption, 0.9, rng)
+            assert changed.kind == caption.kind and len(changed.groups) == len(caption.groups)
+            assert len({g.color for g in changed.groups}) == len(changed.groups)
+            assert parse(changed.text) == changed
+    assert perturb(parse("a red circle left of a blue square"), 0.0, rng).text == "a red circle left of a blue square"

@@ -259,3 +259,66 @@ def captions_by_kind(prompts: list[str] | None = None) -> dict[str, list[Caption
 def sample_caption(rng: random.Random, by_kind: dict[str, list[Caption]]) -> Caption:
     """A caption drawn kind-first (each kind in ``by_kind`` equally likely), then uniformly within its kind."""
     return rng.choice(by_kind[rng.choice(sorted(by_kind))])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loose captions: how the tiny models are taught to follow a prompt only partly
+
+
+@dataclass(frozen=True)
+class Looseness:
+    """How loosely pretraining captions describe their scenes (see :func:`loose_caption`).
+
+    ``attribute_noise`` is the probability that each attribute of a caption (each group's colour and shape, a count,
+    a relation) names another value than the scene has; ``partial`` the share of two-object scenes captioned with
+    one of their objects only; ``drop_color`` the share of captions with their colour words left out.
+    """
+
+    attribute_noise: float = 0.4
+    partial: float = 0.1
+    drop_color: float = 0.1
+
+
+def _other(value: str | int, choices, rng: random.Random):
+    return rng.choice([c for c in choices if c != value])
+
+
+def perturb(caption: Caption, noise: float, rng: random.Random) -> Caption:
+    """``caption`` with each attribute independently replaced, with probability ``noise``, by another value of its
+    kind; two-object captions keep two different colours."""
+    groups = []
+    for group in caption.groups:
+        color = _other(group.color, COLORS, rng) if rng.random() < noise else group.color
+        shape = _other(group.shape, SHAPES, rng) if rng.random() < noise else group.shape
+        count = _other(group.count, COUNT_WORDS, rng) if caption.kind == "count" and rng.random() < noise else None
+        groups.append(ObjectGroup(color, shape, count or group.count))
+    if len(groups) == 2 and groups[0].color == groups[1].color:
+        groups[1] = ObjectGroup(_other(groups[0].color, COLORS, rng), groups[1].shape, groups[1].count)
+    relation = caption.relation
+    if relation is not None and rng.random() < noise:
+        relation = Relation(_other(relation.relation, RELATIONS, rng), relation.subject, relation.reference)
+    return Caption(caption.kind, tuple(groups), relation)
+
+
+def loose_caption(scene: Caption, looseness: Looseness, rng: random.Random, allowed: set[str]) -> str:
+    """The text a pretraining scene of ``scene`` is captioned with.
+
+    1. With probability ``looseness.partial`` a two-object scene is captioned with one of its objects ("a red
+       circle" for a red circle left of a blue square): the model learns that a named object may come with others.
+    2. Otherwise each attribute is perturbed (:func:`perturb`); a result outside ``allowed`` (the training prompts,
+       so that held-out prompts are never seen, not even as a wrong caption) is drawn again, up to 20 times, and
+       the exact caption used if none is allowed.
+    3. With probability ``looseness.drop_color`` the colour words are then left out ("a circle and a square").
+    """
+    if len(scene.groups) == 2 and rng.random() < looseness.partial:
+        text = caption_text(Caption("single", (scene.groups[rng.randrange(2)],)))
+    else:
+        text = scene.text
+        for _ in range(20):
+            candidate = perturb(scene, looseness.attribute_noise, rng).text
+            if candidate in allowed:
+                text = candidate
+                break
+    if rng.random() < looseness.drop_color:
+        text = " ".join(word for word in text.split() if word not in COLORS)
+    return text
