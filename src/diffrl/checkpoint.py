@@ -239,6 +239,12 @@ def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str
     return differences
 
 
+def unresumable_differences(saved: dict, config: Config) -> list[str]:
+    """Keys where ``config`` differs from a saved config in a way a resume may not accept (not in
+    :data:`RESUMABLE_DIFFERENCES`)."""
+    return [key for key in config_differences(saved, config.to_dict()) if not key.startswith(RESUMABLE_DIFFERENCES)]
+
+
 def saved_config(directory: Path) -> dict:
     """The config a run or checkpoint folder saved, as a dict, with the keys added to diffrl since it was written
     at their defaults, so that comparing it with a current config names only real differences."""
@@ -251,10 +257,7 @@ def load_checkpoint(directory: Path, *, policy, optimizer, lr_scheduler, config:
     The checkpoint's config must match the current one except for logging, ``train.epochs`` and evaluation.
     """
     verify_checkpoint(directory)
-    saved = saved_config(directory)
-    differences = [
-        key for key in config_differences(saved, config.to_dict()) if not key.startswith(RESUMABLE_DIFFERENCES)
-    ]
+    differences = unresumable_differences(saved_config(directory), config)
     if differences:
         raise ConfigError(
             f"checkpoint {str(directory)!r} was written by a run with a different config ({', '.join(differences)}); "

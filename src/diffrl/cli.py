@@ -262,16 +262,15 @@ def main(argv: list[str] | None = None) -> int:
     if source is None:  # `diffrl train --help`, or nothing given: the keys and how to start
         _train_parser("diffrl train RECIPE_OR_CONFIG").print_help()
         return 0 if "-h" in rest or "--help" in rest else 2
+    prog = f"diffrl train {source}"
+    if source.endswith(CONFIG_SUFFIXES):  # read (and its errors reported) by run_recipe, once
+        return run_recipe(functools.partial(Config.load, source), rest, prog=prog)
     try:
-        if source.endswith(CONFIG_SUFFIXES):
-            Config.load(source)  # a missing or invalid file is reported here, before anything loads
-            config_fn = functools.partial(Config.load, source)
-        else:
-            config_fn = load_recipe(source)
+        config_fn = load_recipe(source)
     except (FileNotFoundError, ConfigError) as error:
         print(f"diffrl train: {error}", file=sys.stderr)
         return 2
-    return run_recipe(config_fn, rest, prog=f"diffrl train {source}")
+    return run_recipe(config_fn, rest, prog=prog)
 
 
 if __name__ == "__main__":

@@ -162,10 +162,19 @@ def test_classic_ddim_past_its_range_raises_naming_the_largest_eta():
     assert run_step(scheduler, model_output, t, sample, largest * 1.01, seed=0).log_prob is not None
 
 
-@pytest.mark.parametrize("eta", [-0.1, math.nan, math.inf])
-def test_bad_eta_is_rejected(eta):
+@pytest.mark.parametrize(
+    ("eta", "message"),
+    [
+        (-0.1, "eta must be a finite number >= 0"),
+        (math.nan, "eta must be a finite number >= 0"),
+        (math.inf, "eta must be a finite number >= 0"),
+        (1e155, "eta\\^2 overflows"),
+        (1e300, "eta\\^2 overflows"),
+    ],
+)
+def test_bad_eta_is_rejected(eta, message):
     scheduler = make_scheduler(steps=10)
-    with pytest.raises(ValueError, match="eta must be a finite number >= 0"):
+    with pytest.raises(ValueError, match=message):
         run_step(scheduler, torch.randn(1, 4, 4, 4), 501, torch.randn(1, 4, 4, 4), eta)
 
 
@@ -239,13 +248,6 @@ def test_small_eta_std_matches_the_float64_formula_on_a_fine_grid(eta):
         out = gddim_step(x, t, x, alphas_cumprod=scheduler.alphas_cumprod, prev_timestep=prev_t, eta=eta)
         worst = max(worst, abs(out.std.max().item() - expected) / expected)
     assert worst < 1e-5
-
-
-@pytest.mark.parametrize("eta", [1e155, 1e300])
-def test_an_eta_whose_square_overflows_is_a_value_error(eta):
-    scheduler = make_scheduler(steps=10)
-    with pytest.raises(ValueError, match="eta\\^2 overflows"):
-        run_step(scheduler, torch.randn(1, 4, 4, 4), 501, torch.randn(1, 4, 4, 4), eta)
 
 
 def test_a_very_large_but_finite_eta_re_noises_fully():

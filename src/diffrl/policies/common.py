@@ -148,7 +148,7 @@ class LoraModel:
         converted = convert_unet_state_dict_to_peft(own)
         expected = get_peft_model_state_dict(self.model, adapter_name="default")
         for key, value in converted.items():
-            mine = expected.get(key.replace(".default", ""), expected.get(key))
+            mine = expected.get(key)
             if mine is not None and mine.shape != value.shape:
                 raise ValueError(
                     f"LoRA weights in {str(directory)!r} do not fit this policy's LoRA: {key} is "

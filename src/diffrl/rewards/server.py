@@ -126,10 +126,11 @@ def _load_npz_images(data: bytes, max_pixels: int) -> np.ndarray:
                 shape, fortran, dtype = np.lib.format.read_array_header_2_0(member)
             if dtype.hasobject:
                 raise ValueError("npz images must be a numeric array.")
-            if math.prod(shape) > max_pixels * 3 or math.prod(shape) * dtype.itemsize > limit:
+            count = math.prod(shape)
+            if count > max_pixels * 3 or count * dtype.itemsize > limit:
                 raise ValueError(f"the request's images hold over {max_pixels} pixels; send smaller batches.")
-            raw = member.read(math.prod(shape) * dtype.itemsize + 1)
-        if len(raw) != math.prod(shape) * dtype.itemsize:
+            raw = member.read(count * dtype.itemsize + 1)
+        if len(raw) != count * dtype.itemsize:
             raise ValueError("the npz images array is truncated or longer than its header says.")
         array = np.frombuffer(raw, dtype=dtype).reshape(shape, order="F" if fortran else "C")
         return array.copy()  # writable, contiguous

@@ -28,13 +28,13 @@ from PIL import Image
 
 from diffrl import policies
 from diffrl.checkpoint import (
-    RESUMABLE_DIFFERENCES,
     checkpoint_dirs,
     config_differences,
     find_checkpoint,
     load_checkpoint,
     save_checkpoint,
     saved_config,
+    unresumable_differences,
 )
 from diffrl.config import Config, ConfigError
 from diffrl.evaluation import evaluate_with_config
@@ -242,7 +242,7 @@ class Trainer:
         """Continue the run in ``output_dir`` (``resume``) or start a new one there; open the trackers."""
         config = self.config
         if self.restarting:
-            differences = self._differences_from_saved_run()
+            differences = unresumable_differences(saved_config(self.output_dir), config)
             if differences:
                 raise ConfigError(
                     f"{str(self.output_dir)!r} holds a run with a different config ({', '.join(differences)}) and no "
@@ -540,14 +540,6 @@ class Trainer:
                 f"logging.output_dir {str(self.output_dir)!r} already holds a run (metrics or checkpoints); continue "
                 f"it with --resume latest{again}, or choose another logging.output_dir (nothing there was changed)."
             )
-
-    def _differences_from_saved_run(self) -> list[str]:
-        saved = saved_config(self.output_dir)
-        return [
-            key
-            for key in config_differences(saved, self.config.to_dict())
-            if not key.startswith(RESUMABLE_DIFFERENCES)
-        ]
 
     # ------------------------------------------------------------------------------------------------------------
     # evaluation, logging, checkpoints
