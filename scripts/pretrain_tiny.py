@@ -3,8 +3,11 @@
     python scripts/pretrain_tiny.py --out src/diffrl/tiny/sd --work runs/pretrain_tiny
 
 Stages, each resumable from its latest checkpoint under ``--work`` (re-run the same command after an interruption):
-  1. render a fixed data set of scenes from the *training* prompts only (held-out prompts are never seen);
-  2. train the 8x VAE (64x64x3 -> 8x8x4) on those scenes; set its latent scaling factor to 1 / std(latents);
+  1. render a fixed data set of scenes from the *training* prompts only (held-out prompts are never seen) and
+     caption each loosely (``diffrl.tiny.world.loose_caption``: each attribute names another value with
+     probability --attribute-noise, some captions name one object of two or leave out the colours), so that the
+     model draws every scene well but follows a prompt only partly: the headroom RL is there to take;
+  2. train the 4x VAE (64x64x3 -> 16x16x4) on those scenes; set its latent scaling factor to 1 / std(latents);
   3. cache the latents of every scene;
   4. train the UNet and the text encoder jointly (epsilon loss, min-SNR weighting, 10% empty captions for
      classifier-free guidance, an EMA of the weights);
@@ -36,7 +39,7 @@ from diffrl.tiny.build import (
     build_vae,
     save_pipeline,
 )
-from diffrl.tiny.world import captions_by_kind, load_prompts, render, sample_caption
+from diffrl.tiny.world import Looseness, captions_by_kind, load_prompts, loose_caption, render, sample_caption
 
 
 def atomic_torch_save(obj: object, path: Path) -> None:
@@ -63,21 +66,27 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
 # 1. data
 
 
-def render_dataset(work: Path, num_scenes: int, seed: int) -> tuple[torch.Tensor, list[str]]:
+def render_dataset(work: Path, num_scenes: int, seed: int, looseness: Looseness) -> tuple[torch.Tensor, list[str]]:
+    """``[N, 64, 64, 3]`` uint8 scenes and the loose caption each is trained with."""
     path = work / "scenes.safetensors"
     captions_path = work / "captions.json"
     if path.exists() and captions_path.exists():
-        return load_file(path)["images"], json.loads(captions_path.read_text())
+        saved = json.loads(captions_path.read_text())
+        if saved.get("looseness") != vars(looseness):
+            raise SystemExit(f"{work} holds scenes captioned with {saved.get('looseness')}; use another --work.")
+        return load_file(path)["images"], saved["texts"]
     rng = random.Random(seed)
-    by_kind = captions_by_kind(load_prompts("train"))
-    captions, images = [], np.empty((num_scenes, 64, 64, 3), dtype=np.uint8)
+    train = load_prompts("train")
+    by_kind, allowed = captions_by_kind(train), set(train)
+    scenes, texts, images = [], [], np.empty((num_scenes, 64, 64, 3), dtype=np.uint8)
     for i in tqdm(range(num_scenes), desc="render scenes"):
         caption = sample_caption(rng, by_kind)
-        captions.append(caption.text)
+        scenes.append(caption.text)
+        texts.append(loose_caption(caption, looseness, rng, allowed))
         images[i] = render(caption, seed * 10_000_019 + i)
     atomic_save_file({"images": torch.from_numpy(images)}, path)
-    captions_path.write_text(json.dumps(captions))
-    return torch.from_numpy(images), captions
+    captions_path.write_text(json.dumps({"looseness": vars(looseness), "scenes": scenes, "texts": texts}))
+    return torch.from_numpy(images), texts
 
 
 def to_model_space(images_uint8: torch.Tensor) -> torch.Tensor:
@@ -246,7 +255,10 @@ def add_joint_training_args(parser: argparse.ArgumentParser, networks: str) -> N
     """The options both pretraining scripts share; :func:`train_jointly` reads --lr, --ema-decay and
     --checkpoint-every."""
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-scenes", type=int, default=40_000)
+    parser.add_argument("--num-scenes", type=int, default=60_000)
+    parser.add_argument("--attribute-noise", type=float, default=Looseness.attribute_noise)
+    parser.add_argument("--partial", type=float, default=Looseness.partial)
+    parser.add_argument("--drop-color", type=float, default=Looseness.drop_color)
     parser.add_argument("--batch", type=int, default=128, help="scenes per step")
     parser.add_argument("--lr", type=float, default=5e-4, help=f"peak learning rate of {networks}")
     parser.add_argument("--ema-decay", type=float, default=0.999)
@@ -255,16 +267,20 @@ def add_joint_training_args(parser: argparse.ArgumentParser, networks: str) -> N
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads")
 
 
+def looseness_of(args: argparse.Namespace) -> Looseness:
+    return Looseness(attribute_noise=args.attribute_noise, partial=args.partial, drop_color=args.drop_color)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("src/diffrl/tiny/sd"), help="where the model is saved")
     parser.add_argument("--work", type=Path, default=Path("runs/pretrain_tiny"), help="data and checkpoints")
     add_joint_training_args(parser, "the UNet and text encoder")
-    parser.add_argument("--vae-steps", type=int, default=1200)
+    parser.add_argument("--vae-steps", type=int, default=1500)
     parser.add_argument("--vae-batch", type=int, default=32)
     parser.add_argument("--vae-lr", type=float, default=1e-3)
     parser.add_argument("--vae-kl", type=float, default=1e-5, help="weight of the VAE's KL term")
-    parser.add_argument("--unet-steps", type=int, default=1250)
+    parser.add_argument("--unet-steps", type=int, default=4000)
     parser.add_argument("--snr-gamma", type=float, default=5.0)
     args = parser.parse_args()
 
@@ -272,7 +288,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     args.work.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    images, captions = render_dataset(args.work, args.num_scenes, args.seed)
+    images, captions = render_dataset(args.work, args.num_scenes, args.seed, looseness_of(args))
     vae = train_vae(args.work, images, args)
     latents = encode_latents(args.work, vae, images)
     unet, text_encoder, tokenizer = train_unet(args.work, latents, captions, args)

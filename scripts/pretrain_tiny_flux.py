@@ -25,7 +25,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from diffrl.tiny import tiny_model_path
 from diffrl.tiny.build import MAX_TOKENS, build_flux_transformer, build_t5_encoder, flux_pipeline
-from pretrain_tiny import add_joint_training_args, encode_latents, render_dataset, train_jointly
+from pretrain_tiny import add_joint_training_args, encode_latents, looseness_of, render_dataset, train_jointly
 
 
 def shared_parts() -> tuple[AutoencoderKL, CLIPTextModel, CLIPTokenizer]:
@@ -106,7 +106,7 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     args.data.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    images, captions = render_dataset(args.data, args.num_scenes, args.seed)
+    images, captions = render_dataset(args.data, args.num_scenes, args.seed, looseness_of(args))
     parts = shared_parts()
     latents = encode_latents(args.data, parts[0], images[: args.num_scenes])[: args.num_scenes]
     transformer, t5 = train_transformer(args.work, latents, captions[: args.num_scenes], parts, args)

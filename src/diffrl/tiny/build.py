@@ -1,7 +1,8 @@
 """Components of the embedded tiny Stable Diffusion, built from configs (random weights until pretrained).
 
-The layout is real SD's, scaled down: an 8x ``AutoencoderKL`` (64x64x3 -> 8x8x4), an epsilon-prediction
-``UNet2DConditionModel`` on SD's scaled-linear schedule, a small ``CLIPTextModel`` and a ``CLIPTokenizer`` whose
+The layout is real SD's, scaled down: a 4x ``AutoencoderKL`` (64x64x3 -> 16x16x4, so that an object of the
+shapes world spans three to five latent cells), an epsilon-prediction ``UNet2DConditionModel`` on SD's
+scaled-linear schedule, a small ``CLIPTextModel`` and a ``CLIPTokenizer`` whose
 vocabulary is the shapes grammar's words. :func:`save_pipeline` writes them in diffusers' folder layout, so that
 ``StableDiffusionPipeline.from_pretrained(<dir>)`` loads the model exactly as it loads SD1.5.
 
@@ -110,9 +111,9 @@ def build_vae() -> AutoencoderKL:
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(16, 32, 64, 64),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 64),
         layers_per_block=1,
         latent_channels=4,
         norm_num_groups=8,
@@ -122,17 +123,20 @@ def build_vae() -> AutoencoderKL:
 
 
 def build_unet() -> UNet2DConditionModel:
+    """16x16 latents through four levels (16, 8, 4, 2); the text is attended to at 8x8 and 4x4, where the layout
+    is decided, and the 16x16 level is convolutional only (it costs what the 8x8 level of a twice-as-wide UNet
+    does)."""
     return UNet2DConditionModel(
-        sample_size=8,
+        sample_size=16,
         in_channels=4,
         out_channels=4,
-        block_out_channels=(64, 128, 128),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32, 64, 128, 128),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         layers_per_block=1,
         cross_attention_dim=TEXT_DIM,
         attention_head_dim=8,
-        norm_num_groups=32,
+        norm_num_groups=16,
     )
 
 

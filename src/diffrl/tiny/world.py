@@ -274,9 +274,9 @@ class Looseness:
     one of their objects only; ``drop_color`` the share of captions with their colour words left out.
     """
 
-    attribute_noise: float = 0.4
-    partial: float = 0.1
-    drop_color: float = 0.1
+    attribute_noise: float = 0.25
+    partial: float = 0.0
+    drop_color: float = 0.05
 
 
 def _other(value: str | int, choices, rng: random.Random):
