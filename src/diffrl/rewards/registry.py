@@ -29,7 +29,7 @@ REGISTRY: dict[str, str] = {
     "clipscore": "diffrl.rewards.clip:clipscore",
     "hpsv2": "diffrl.rewards.hps:hpsv2",
     "imagereward": "diffrl.rewards.imagereward:imagereward",
-    "remote": "diffrl.rewards.server:RemoteReward",
+    "remote": "diffrl.rewards.remote:RemoteReward",
 }
 
 
@@ -62,14 +62,14 @@ def _import_attribute(target: str) -> object:
 
 def build_reward(spec: str | Reward, **kwargs: object) -> Reward:
     """One reward from a registry name (built with ``kwargs``), a ``module:function`` / ``file.py:function``
-    target, a reward server's ``http://host:port`` (``kwargs`` go to :class:`~diffrl.rewards.server.RemoteReward`),
+    target, a reward server's ``http://host:port`` (``kwargs`` go to :class:`~diffrl.rewards.remote.RemoteReward`),
     or a callable (returned as is)."""
     if callable(spec):
         if kwargs:
             raise ValueError("keyword arguments are for registry rewards; a callable is used as it is.")
         return spec
     if spec.startswith(("http://", "https://")):
-        from diffrl.rewards.server import RemoteReward
+        from diffrl.rewards.remote import RemoteReward
 
         return RemoteReward(spec, **kwargs)
     if spec in REGISTRY:
