@@ -25,12 +25,11 @@ import torch
 
 from diffrl import policies
 from diffrl.checkpoint import config_differences, find_checkpoint, saved_config
-from diffrl.cli import load_recipe
 from diffrl.config import apply_overrides
-from diffrl.evaluation import evaluate, paired_difference
+from diffrl.evaluation import ODE, evaluate, paired_difference
+from diffrl.loading import load_prompts, load_recipe
 from diffrl.rewards import weighted_sum
 from diffrl.trainers import train
-from diffrl.trainers.base import load_prompts
 
 
 def ode_scores(config, adapter: Path | None, prompts: list[str], steps: int) -> torch.Tensor:
@@ -40,10 +39,10 @@ def ode_scores(config, adapter: Path | None, prompts: list[str], steps: int) -> 
     if adapter is not None:
         policy.load_adapter(adapter)
     result = evaluate(
-        policy, prompts, weighted_sum("shapes"), etas=(0.0,), num_steps=steps,
+        policy, prompts, weighted_sum("shapes"), samplers=(ODE,), num_steps=steps,
         guidance_scale=config.sample.guidance_scale, seed=4321, batch_size=64,
     )  # fmt: skip
-    return result.scores["shapes"][0.0]
+    return result.scores["shapes"]["ode"]
 
 
 def mean_stderr(scores: torch.Tensor) -> list[float]:

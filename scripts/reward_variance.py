@@ -24,12 +24,11 @@ import time
 import torch
 
 from diffrl import policies
-from diffrl.cli import load_recipe
 from diffrl.config import apply_overrides
 from diffrl.evaluation import noise_variance, step_leverage
+from diffrl.loading import load_prompts, load_recipe
 from diffrl.rewards import weighted_sum
 from diffrl.sampling.rollout import sde_window_mask
-from diffrl.trainers.base import load_prompts
 
 
 def parse_windows(text: str) -> list[tuple[int, int] | None]:

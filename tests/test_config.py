@@ -38,6 +38,7 @@ def test_overrides_are_typed_and_validated():
         (["--train.batch_size", "5"], r"must be a multiple of train.batch_size \(5\)"),
         (["--sample.noise_schedule", "flow_grpo"], "is for flow models"),
         (["--train.algorithm", "ddpo_sf", "--train.num_inner_epochs", "2"], "ddpo_sf' is on-policy"),
+        (["--eval.sde_etas", "0"], r"eval.sde_etas must be finite numbers > 0 \(the ODE is always evaluated\)"),
         (["--sample.eta"], "has no value"),
         (["sample.eta", "1"], "expected an override like"),
     ],
@@ -50,6 +51,17 @@ def test_bad_values_say_what_to_change(overrides, message):
 def test_sections_validate_when_built():
     with pytest.raises(ConfigError, match="sample.batch_size must be >= 1"):
         SampleConfig(batch_size=0)
+
+
+def test_a_config_saved_with_eval_etas_loads_as_sde_etas(tmp_path):
+    data = Config().to_dict()
+    del data["eval"]["sde_etas"]
+    data["eval"]["etas"] = [0.0, 1.5]  # an earlier diffrl: the etas evaluated, the ODE among them
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    assert Config.load(tmp_path / "old.json").eval.sde_etas == (1.5,)
+    data["eval"]["etas"] = None  # its default: the ODE and the training eta, which are always evaluated now
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    assert Config.load(tmp_path / "old.json").eval.sde_etas == ()
 
 
 def test_save_and_load_round_trip(tmp_path):

@@ -1,26 +1,70 @@
 import pytest
 import torch
 
-from diffrl.config import FLUX_ATTENTION, LoraConfig, ModelConfig
-from diffrl.evaluation import EvalResult, evaluate, noise_variance, paired_difference, step_leverage
+from diffrl.config import FLUX_ATTENTION, Config, LoraConfig, ModelConfig, apply_overrides
+from diffrl.evaluation import (
+    ODE,
+    EvalResult,
+    Sampler,
+    evaluate,
+    noise_variance,
+    paired_difference,
+    rescale_window,
+    run_samplers,
+    step_leverage,
+    training_sampler,
+)
 from diffrl.policies.flux import FluxPolicy
 from diffrl.policies.sd import SDPolicy
 from diffrl.rewards import weighted_sum
 
 
 def test_gap_arithmetic_is_a_paired_difference():
-    result = EvalResult(etas=[0.0, 1.0], num_steps=10, train_eta=1.0)
-    result.scores["r"] = {0.0: torch.tensor([0.5, 0.7, 0.9]), 1.0: torch.tensor([0.4, 0.7, 0.6])}
+    train = Sampler("train_sampler", 1.0, (0, 2), 10)
+    result = EvalResult(samplers=[ODE, train, Sampler.every_step(1.5)], num_steps=10)
+    result.scores["r"] = {
+        "ode": torch.tensor([0.5, 0.7, 0.9]),
+        "train_sampler": torch.tensor([0.4, 0.7, 0.6]),
+        "sde_eta=1.5": torch.tensor([0.5, 0.5, 0.5]),
+    }
     gap, stderr = result.gap("r")
     diffs = torch.tensor([0.1, 0.0, 0.3])
     assert gap == pytest.approx(diffs.mean().item())
     assert stderr == pytest.approx(diffs.std().item() / 3**0.5)
     metrics = result.to_metrics()
-    ode_only = EvalResult(etas=[0.0], num_steps=10, train_eta=1.0, scores={"r": {0.0: torch.tensor([0.5])}})
+    ode_only = EvalResult(samplers=[ODE], num_steps=10, scores={"r": {"ode": torch.tensor([0.5])}})
     assert "eval/r/gap" not in ode_only.to_metrics()  # no SDE evaluated: no gap, no error
-    assert metrics["eval/r/eta=0/mean"] == pytest.approx(0.7)
-    assert metrics["eval/r/eta=1/mean"] == pytest.approx(17 / 30)
-    assert metrics["eval/r/gap"] == pytest.approx(gap)
+    assert metrics["eval/r/ode/mean"] == pytest.approx(0.7)
+    assert metrics["eval/r/train_sampler/mean"] == pytest.approx(17 / 30)
+    assert metrics["eval/r/gap"] == pytest.approx(gap)  # the gap is to the sampler that trained
+    assert metrics["eval/r/gap_sde_eta=1.5"] == pytest.approx(0.2)  # the every-step extra has a gap of its own
+
+
+def test_the_training_sampler_is_the_runs_eta_and_window_at_that_epoch():
+    config = apply_overrides(
+        Config(),
+        ["--sample.eta", "1.2", "--sample.num_steps", "20", "--sample.sde_window", "0,2", "--sample.window_stride",
+         "2", "--sample.window_shift_every", "3", "--eval.sde_etas", "1.2,2"],
+    )  # fmt: skip
+    base = training_sampler(config, 0)
+    assert (base.eta, base.sde_window, base.window_steps) == (1.2, (0, 2), 20)
+    assert training_sampler(config, 3).sde_window == (0, 2)  # epochs 0-2 trained on the first position
+    assert training_sampler(config, 4).sde_window == (2, 4)  # epoch 3 moved it
+    assert training_sampler(config, 10_000).sde_window == (18, 20)
+    assert base.window_at(10) == (0, 1) and training_sampler(config, 4).window_at(10) == (1, 2)
+    assert base.describe(20) == "training sampler: eta 1.2, stochastic steps 0-2 of 20"
+    # a window trains on part of the trajectory: every-step SDE at the same eta is a different sampler, kept
+    assert [s.label for s in run_samplers(config)] == ["ode", "train_sampler", "sde_eta=1.2", "sde_eta=2"]
+    every = apply_overrides(Config(), ["--sample.eta", "1.2", "--eval.sde_etas", "1.2,2"])
+    assert [s.label for s in run_samplers(every)] == ["ode", "train_sampler", "sde_eta=2"]  # not twice the same
+
+
+def test_rescale_window_keeps_the_span_and_at_least_one_step():
+    assert rescale_window((0, 1), 20, 10) == (0, 1)
+    assert rescale_window((4, 8), 20, 10) == (2, 4)
+    assert rescale_window((19, 20), 20, 5) == (4, 5)
+    assert rescale_window((0, 2), 10, 20) == (0, 4)
+    assert rescale_window(None, 20, 10) is None and rescale_window((3, 5), 20, 20) == (3, 5)
 
 
 def test_paired_difference_removes_what_the_pairs_share():
@@ -48,23 +92,26 @@ def test_evaluate_scores_every_eta_from_the_same_noise(random_sd_dir):
         policy,
         ["a red circle", "a blue square", "three green triangles"],
         weighted_sum({mean_pixel: 1.0, first_pixel: 2.0}),
-        etas=(0.0, 1.2),
+        samplers=(ODE, Sampler("train_sampler", 1.2, (0, 2), 4), Sampler.every_step(1.2)),
         num_steps=4,
         guidance_scale=2.0,
         batch_size=2,
         images_out=images,
     )
     assert set(result.scores) == {"mean_pixel", "first_pixel", "total"}
-    torch.testing.assert_close(result.scores["mean_pixel"][0.0], images[0.0].mean(dim=(1, 2, 3)))
-    total = result.scores["total"][1.2]
-    torch.testing.assert_close(total, result.scores["mean_pixel"][1.2] + 2 * result.scores["first_pixel"][1.2])
-    assert result.train_eta == 1.2
-    assert "eval/total/gap" in result.to_metrics()
+    torch.testing.assert_close(result.scores["mean_pixel"]["ode"], images["ode"].mean(dim=(1, 2, 3)))
+    for label in ("train_sampler", "sde_eta=1.2"):
+        total = result.scores["total"][label]
+        parts = result.scores["mean_pixel"][label] + 2 * result.scores["first_pixel"][label]
+        torch.testing.assert_close(total, parts)
+    assert {"eval/total/gap", "eval/total/gap_sde_eta=1.2"} <= set(result.to_metrics())
+    # the window leaves the last two steps deterministic: its images differ from every-step SDE at the same eta
+    assert not torch.allclose(images["train_sampler"], images["sde_eta=1.2"])
     # the first prompt alone, with the same base seed, gets the same noise and so the same image
     again = evaluate(
-        policy, ["a red circle"], weighted_sum({mean_pixel: 1.0}), etas=(0.0,), num_steps=4, guidance_scale=2.0
+        policy, ["a red circle"], weighted_sum({mean_pixel: 1.0}), samplers=(ODE,), num_steps=4, guidance_scale=2.0
     )
-    assert again.mean("mean_pixel", 0.0) == pytest.approx(images[0.0][0].mean().item(), abs=1e-6)
+    assert again.mean("mean_pixel", "ode") == pytest.approx(images["ode"][0].mean().item(), abs=1e-6)
 
 
 def test_noise_variance_splits_a_prompts_variance_by_where_the_noise_enters(random_sd_dir):

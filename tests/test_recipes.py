@@ -2,9 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from diffrl.cli import load_recipe, main
+from diffrl.cli import main
 from diffrl.config import Config
-from diffrl.trainers.base import load_prompts
+from diffrl.loading import load_prompts, load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").glob("*.py"))
@@ -48,3 +48,29 @@ def test_every_recipe_names_prompts_that_load_and_tiny_ones_train_on_no_held_out
     assert train_prompts and load_prompts(config.prompts.eval)
     if config.model.path == "tiny":
         assert set(train_prompts) <= set(load_prompts("tiny:train"))
+
+
+def test_diffrl_config_shows_a_recipes_values_and_writes_a_config_file_train_reads(capsys, tmp_path):
+    recipe = str(REPO / "recipes" / "grpo_tiny.py")
+    expected = load_recipe(recipe)()
+    assert main(["config", recipe, "--sample.eta", "1.3"]) == 0
+    shown = capsys.readouterr().out
+    assert "--sample.eta 1.3; library default 1.0:" in shown  # the recipe's value, not the library default
+    assert f"--logging.output_dir {expected.logging.output_dir!r}; library default 'runs/diffrl'" in shown
+    assert "--sample.num_steps 20: " in shown  # a value the recipe leaves at the default says nothing more
+    assert main(["config", recipe, "--yaml"]) == 0
+    (tmp_path / "run.yaml").write_text(capsys.readouterr().out)
+    assert Config.load(tmp_path / "run.yaml") == expected  # a YAML file diffrl train --config reads back
+    assert main(["config", recipe, "--json", "--train.seed", "7"]) == 0
+    (tmp_path / "run.json").write_text(capsys.readouterr().out)
+    assert Config.load(tmp_path / "run.json").train.seed == 7
+    assert main(["config"]) == 0 and "(default 1.0)" in capsys.readouterr().out  # no recipe: the library defaults
+    assert main(["config", "recipes/missing.py"]) == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_diffrl_version(capsys):
+    from diffrl import __version__
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"diffrl {__version__}"

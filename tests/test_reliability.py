@@ -36,7 +36,7 @@ from diffrl.checkpoint import verify_checkpoint
 from diffrl.cli import run_recipe
 from diffrl.config import apply_overrides
 from diffrl.rewards.server import serve
-from diffrl.trainers import base, train
+from diffrl.trainers import base, sampling, train
 
 SWITCHABLE_REWARD = """
 import pathlib, torch
@@ -461,7 +461,7 @@ def _poison_loss(monkeypatch, at_calls: set[int]) -> None:
 
 def _poison_log_probs(monkeypatch, rows: list[int]) -> None:
     """The first stochastic step's log-probability of the given rows of every sampling batch becomes NaN."""
-    original = base.rollout
+    original = sampling.rollout
 
     def rollout(*args, **kwargs):
         trajectory = original(*args, **kwargs)
@@ -469,7 +469,7 @@ def _poison_log_probs(monkeypatch, rows: list[int]) -> None:
         trajectory.log_probs[rows, first] = float("nan")
         return trajectory
 
-    monkeypatch.setattr(base, "rollout", rollout)
+    monkeypatch.setattr(sampling, "rollout", rollout)
 
 
 def test_a_non_finite_loss_stops_the_step_naming_epoch_and_step(random_sd_dir, tmp_path, monkeypatch):

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 import shutil
 
 import pytest
@@ -10,6 +11,7 @@ from PIL import Image
 import diffrl.trainers
 from diffrl.cli import main as cli_main
 from diffrl.config import ConfigError
+from diffrl.grids import LABEL_WIDTH
 from diffrl.report import main as report_main
 from diffrl.sweep import run_sweep
 
@@ -66,16 +68,22 @@ def test_evaluation_grids_and_reports(sweep):
     run = out / "eta=1" / "seed=0"
     grids = sorted((run / "samples").glob("epoch-*.png"))
     assert [g.name for g in grids] == ["epoch-000000.png", "epoch-000001.png"]
-    with Image.open(grids[-1]) as grid:  # rows: eta 0 and 1; columns: 2 prompts; 64x64 images
-        assert grid.size == (2 * 64, 2 * 64)
+    with Image.open(grids[-1]) as grid:  # rows: the ODE and the training sampler; columns: 2 prompts
+        assert grid.size[0] == LABEL_WIDTH + 2 * (128 + 2) and grid.size[1] > 2 * (128 + 2)  # 64 px tiles, twice
     assert report_main([str(run)]) == 0
     page = (run / "report" / "report.md").read_text()
-    for name in ("rewards.png", "gap.png", "epoch-000001.png"):
+    for name in ("rewards.png", "gap.png", "diagnostics.png", "epoch-000001.png"):
         assert f"]({name})" in page and (run / "report" / name).is_file()
+    assert "| `eval/shapes/ode/mean` |" in page and "| `sample.eta` | `1.0` |" in page  # numbers and config
+    html_page = (run / "report" / "report.html").read_text()
+    embedded = re.findall(r'<figure data-figure="([^"]+)"><img alt="[^"]*" src="data:image/png;base64,', html_page)
+    assert embedded == re.findall(r"!\[[^\]]*\]\(([^)]+)\)", page)  # every figure of the page, embedded in it
+    assert "<td><code>eval/shapes/gap</code></td>" in html_page and 'src="http' not in html_page
     assert report_main([str(out)]) == 0
     page = (out / "report" / "report.md").read_text()
     for name in ("sweep-steps2.png", "sweep-steps4.png", "sweep-training.png", "eta=0.5-seed=0-epoch-000001.png"):
         assert f"]({name})" in page and (out / "report" / name).is_file()
+        assert f'data-figure="{name}"' in (out / "report" / "report.html").read_text()
     assert "| training eta | steps | seeds |" in page
 
 
@@ -87,13 +95,14 @@ def test_report_of_a_folder_without_metrics_says_so(tmp_path, capsys):
 def test_diffrl_eval_of_a_checkpoint_reproduces_the_sweeps_evaluation(sweep, tmp_path):
     _, out, _ = sweep
     run = out / "eta=0.5" / "seed=0"
-    argv = ["eval", "--checkpoint", str(run), "--eta", "0,0.5", "--steps", "2,4", "--out", str(tmp_path / "e.json")]
+    argv = ["eval", "--checkpoint", str(run), "--steps", "2,4", "--out", str(tmp_path / "e.json")]
     assert cli_main(argv) == 0
     metrics = json.loads((tmp_path / "e.json").read_text())
     result = json.loads((run / "result.json").read_text())
     for steps in ("2", "4"):  # same prompts, same per-prompt noise, same LoRA: the same numbers
-        assert metrics[steps]["eval/shapes/eta=0/mean"] == pytest.approx(result["steps"][steps]["ode"], abs=1e-6)
-        assert metrics[steps]["eval/shapes/eta=0.5/mean"] == pytest.approx(result["steps"][steps]["sde"], abs=1e-6)
+        assert metrics[steps]["eval/shapes/ode/mean"] == pytest.approx(result["steps"][steps]["ode"], abs=1e-6)
+        sde = metrics[steps]["eval/shapes/train_sampler/mean"]
+        assert sde == pytest.approx(result["steps"][steps]["sde"], abs=1e-6)
         assert metrics[steps]["eval/shapes/gap"] == pytest.approx(result["steps"][steps]["gap"], abs=1e-6)
 
 
@@ -129,3 +138,14 @@ def test_report_skips_a_torn_metrics_line(sweep, tmp_path, capsys):
     assert report_main([str(run)]) == 0
     assert "skipped 1 line(s) that are not whole metrics records" in capsys.readouterr().out
     assert (run / "report" / "report.md").is_file()
+
+
+def test_wall_clock_minutes_add_every_timed_phase_of_every_epoch():
+    from diffrl.report import wall_minutes
+
+    metrics = [
+        {"epoch": 0, "time/eval_s": 60.0},
+        {"epoch": 1, "time/sampling_s": 30.0, "time/training_s": 30.0, "reward/mean": 0.5},
+        {"epoch": 2, "time/sampling_s": 30.0, "time/training_s": 30.0, "time/eval_s": 60.0},
+    ]
+    assert wall_minutes(metrics) == {0: 1.0, 1: 2.0, 2: 4.0}

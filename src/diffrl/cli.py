@@ -2,7 +2,7 @@
 
     diffrl train RECIPE [--resume DIR|latest] [--section.key value ...]
     diffrl train --config run.yaml [--section.key value ...]      (or a run's config.json: the same run again)
-    diffrl eval (--checkpoint DIR | --recipe RECIPE) [--eta 0,1.0,1.2] [--steps 10,20,50] [--section.key value ...]
+    diffrl eval (--checkpoint DIR | --recipe RECIPE) [--sde-etas 1.0,1.5] [--steps 10,20,50] [--section.key value ...]
     diffrl sweep RECIPE --eta 0.5,1.0,1.2,2.0 --seeds 3 [--eval-steps 10,20] [--out DIR] [--section.key value ...]
     diffrl report RUN_OR_SWEEP_DIR
     diffrl serve-reward REWARD [--kwargs JSON] [--host 127.0.0.1] [--port 8000]
@@ -17,51 +17,21 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
+import json
 import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from diffrl import __version__
 from diffrl.checkpoint import CorruptCheckpointError
 from diffrl.config import CONFIG_SUFFIXES, Config, ConfigError, apply_overrides, describe
+from diffrl.loading import call_config, load_recipe
 from diffrl.rewards.combine import RewardError
 
 # Errors that mean "change this input" (config, files, rewards, checkpoints, disk, non-finite values): the
 # command prints the message without a traceback (DIFFRL_TRACEBACK=1 shows it) and exits with status 1.
 USER_ERRORS = (ConfigError, RewardError, CorruptCheckpointError, FloatingPointError, OSError, ValueError)
-
-
-def load_recipe(path: str) -> Callable[[], Config]:
-    """The ``config`` function of a recipe file; calling it checks that it returns a :class:`Config`."""
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"recipe {path!r} does not exist; give a file such as recipes/grpo_tiny.py.")
-    spec = importlib.util.spec_from_file_location(f"diffrl_recipe_{file.stem}", file)
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except SyntaxError as error:
-        raise ConfigError(f"recipe {path!r} has a syntax error at line {error.lineno}: {error.msg}.") from None
-    except Exception as error:
-        raise ConfigError(f"recipe {path!r} failed to load: {type(error).__name__}: {error}") from None
-    config_fn = getattr(module, "config", None)
-    if not callable(config_fn):
-        raise ConfigError(f"recipe {path!r} defines no config() function returning a diffrl Config.")
-    return functools.partial(call_config, config_fn, f"recipe {path!r}")
-
-
-def call_config(config_fn: Callable[[], Config], where: str) -> Config:
-    """``config_fn()``, checked: an exception or anything but a :class:`Config` is a :class:`ConfigError`."""
-    try:
-        config = config_fn()
-    except ConfigError:
-        raise
-    except Exception as error:
-        raise ConfigError(f"{where}: config() raised {type(error).__name__}: {error}") from None
-    if not isinstance(config, Config):
-        raise ConfigError(f"{where}: config() returned {type(config).__name__}; it must return a diffrl Config.")
-    return config
 
 
 def _train_parser(prog: str) -> argparse.ArgumentParser:
@@ -116,12 +86,15 @@ def recipe_main(config_fn: Callable[[], Config]) -> None:
 
 
 def run_eval(argv: list[str]) -> int:
-    """Evaluate a saved LoRA (or the base model of a recipe) at every (steps, eta): ODE vs SDE from the same noise."""
+    """Evaluate a saved LoRA (or the base model of a recipe) at every step count: the ODE against the sampler that
+    trained (its eta and SDE window), and every-step SDE at --sde-etas, all from the same noise."""
     parser = argparse.ArgumentParser(prog="diffrl eval", description=run_eval.__doc__)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="a checkpoint folder, or a run folder (its latest checkpoint)")
     source.add_argument("--recipe", help="evaluate the recipe's base model (no LoRA)")
-    parser.add_argument("--eta", default=None, help="comma-separated etas (default: 0 and the training eta)")
+    parser.add_argument(
+        "--sde-etas", default=None, help="comma-separated every-step SDE etas to add (default: eval.sde_etas)"
+    )
     parser.add_argument("--steps", default=None, help="comma-separated step counts (default: eval.num_steps)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args, overrides = parser.parse_known_args(argv)
@@ -149,6 +122,12 @@ def _checkpoint_to_evaluate(path: str) -> Path:
     return find_checkpoint(directory, "latest")
 
 
+def _completed_epochs(checkpoint: Path) -> int:
+    """The epochs a checkpoint folder ``epoch-XXXXXX`` was saved after (0 when its name does not say)."""
+    name = checkpoint.name.removeprefix("epoch-")
+    return int(name) if name.isdigit() else 0
+
+
 def _evaluate(args: argparse.Namespace, overrides: list[str]) -> int:
     import json
 
@@ -156,9 +135,9 @@ def _evaluate(args: argparse.Namespace, overrides: list[str]) -> int:
 
     from diffrl import policies
     from diffrl.evaluation import evaluate_with_config
+    from diffrl.loading import load_eval_prompts
     from diffrl.rewards import weighted_sum
     from diffrl.rewards.registry import code_rewards
-    from diffrl.trainers.base import load_eval_prompts
 
     if args.checkpoint:
         directory = _checkpoint_to_evaluate(args.checkpoint)
@@ -174,7 +153,8 @@ def _evaluate(args: argparse.Namespace, overrides: list[str]) -> int:
     else:
         directory = None
         config = apply_overrides(load_recipe(args.recipe)(), overrides)
-    etas = [float(e) for e in args.eta.split(",")] if args.eta else [0.0, config.sample.eta]
+    sde_etas = None if args.sde_etas is None else [float(e) for e in args.sde_etas.split(",") if e.strip()]
+    completed = 0 if directory is None else _completed_epochs(directory)
     steps = [int(n) for n in args.steps.split(",")] if args.steps else [config.eval.num_steps]
     torch.manual_seed(config.train.seed)
     policy = policies.load(config)
@@ -185,14 +165,18 @@ def _evaluate(args: argparse.Namespace, overrides: list[str]) -> int:
     results = {}
     print(f"{len(prompts)} prompts from {config.prompts.eval}; reward {config.reward.spec}")
     for num_steps in steps:
-        result = evaluate_with_config(policy, config, prompts, reward, etas=tuple(etas), num_steps=num_steps)
+        result = evaluate_with_config(
+            policy, config, prompts, reward, completed_epochs=completed, sde_etas=sde_etas, num_steps=num_steps
+        )
         metrics = result.to_metrics()
         results[num_steps] = metrics
+        print(f"steps={num_steps}: " + "; ".join(f"{s.label} = {s.describe(num_steps)}" for s in result.samplers))
         for name in result.scores:
-            cells = "  ".join(f"eta={e:g}: {result.mean(name, e):.4f} ± {result.stderr(name, e):.4f}" for e in etas)
+            cells = "  ".join(f"{lbl}: {result.mean(name, lbl):.4f} ± {result.stderr(name, lbl):.4f}" for lbl in
+                              result.labels)  # fmt: skip
             gap = metrics.get(f"eval/{name}/gap")
-            gap_text = "" if gap is None else f"  gap(ODE - SDE): {gap:+.4f}"
-            print(f"steps={num_steps:<4d} {name}: {cells}{gap_text}")
+            gap_text = "" if gap is None else f"  gap (ode - train_sampler): {gap:+.4f}"
+            print(f"  {name}: {cells}{gap_text}")
     if args.out:
         Path(args.out).write_text(json.dumps({str(k): v for k, v in results.items()}, indent=1, sort_keys=True))
     return 0
@@ -223,16 +207,53 @@ def run_sweep_command(argv: list[str]) -> int:
     return 0
 
 
+def run_config(argv: list[str]) -> int:
+    """``diffrl config``: every key with its default; ``diffrl config RECIPE_OR_CONFIG [--section.key value ...]``:
+    the values that recipe or file trains with (and the defaults it changes); ``--json`` / ``--yaml`` print them as
+    a config file for ``diffrl train --config``."""
+    parser = argparse.ArgumentParser(prog="diffrl config", description=run_config.__doc__)
+    parser.add_argument("source", nargs="?", default=None, help="a recipe (.py) or a config file (.json, .yaml)")
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="print the config as JSON (a config file)")
+    output.add_argument("--yaml", action="store_true", help="print the config as YAML (a config file)")
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        if args.source is None:
+            config = apply_overrides(Config(), overrides) if overrides else None
+        elif args.source.endswith(CONFIG_SUFFIXES):
+            config = apply_overrides(Config.load(args.source), overrides)
+        else:
+            config = apply_overrides(load_recipe(args.source)(), overrides)
+    except (*USER_ERRORS, FileNotFoundError) as error:
+        print(f"diffrl config: {error}", file=sys.stderr)
+        return 2
+    if args.json or args.yaml:
+        data = json.loads(json.dumps((config or Config()).to_dict()))  # tuples as lists, for YAML too
+        if args.yaml:
+            import yaml
+
+            print(yaml.safe_dump(data, sort_keys=True), end="")
+        else:
+            print(json.dumps(data, indent=2, sort_keys=True))
+        return 0
+    print(describe(config))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="diffrl", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("train", help="train with a recipe or a config file (JSON, YAML)", add_help=False)
-    commands.add_parser("config", help="list every config key with its default and help")
+    commands.add_parser(
+        "config", help="every config key with its default and help, or a recipe's values (--json, --yaml)",
+        add_help=False,
+    )  # fmt: skip
     commands.add_parser("eval", help="evaluate a checkpoint or a base model: ODE vs SDE", add_help=False)
     commands.add_parser("serve-reward", help="serve one reward over HTTP for training elsewhere", add_help=False)
     commands.add_parser("sweep", help="train and evaluate one run per (eta, seed); a table over seeds", add_help=False)
     commands.add_parser("report", help="a markdown page with plots and image grids of a run or sweep", add_help=False)
+    parser.add_argument("--version", action="version", version=f"diffrl {__version__}")
     args, rest = parser.parse_known_args(argv)
     if args.command == "sweep":
         return run_sweep_command(rest)
@@ -245,8 +266,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return serve_main(rest)
     if args.command == "config":
-        print(describe())
-        return 0
+        return run_config(rest)
     if args.command == "eval":
         return run_eval(rest)
     recipe = rest.pop(0) if rest and not rest[0].startswith("-") else None

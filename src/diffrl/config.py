@@ -322,7 +322,10 @@ class EvalConfig:
     every_epochs: int = _help("evaluate every this many epochs (0: never during training)", default=5)
     num_prompts: int = _help("held-out prompts evaluated (the first N of the eval prompt list; 0: all)", default=32)
     num_steps: int = _help("denoising steps in evaluation", default=20)
-    etas: tuple[float, ...] | None = _help("etas evaluated; None: (0, the training eta)", default=None)
+    sde_etas: tuple[float, ...] = _help(
+        "every-step SDE etas evaluated beside the ODE and the training sampler (metrics labelled sde_eta=<x>)",
+        default=(),
+    )
     seed: int = _help("seed of the per-prompt evaluation noise", default=1234)
     grid_prompts: int = _help("held-out prompts shown in the image grid saved at each evaluation (0: none)", default=8)
 
@@ -331,17 +334,19 @@ class EvalConfig:
         _require(self.every_epochs >= 0, f"eval.every_epochs must be >= 0; got {self.every_epochs}.")
         _require(self.num_prompts >= 0, f"eval.num_prompts must be >= 0; got {self.num_prompts}.")
         _require(self.num_steps >= 1, f"eval.num_steps must be >= 1; got {self.num_steps}.")
-        if self.etas is not None:
-            _require(
-                len(self.etas) > 0 and all(math.isfinite(e) and e >= 0 for e in self.etas),
-                f"eval.etas must be finite numbers >= 0; got {self.etas}.",
-            )
+        _require(
+            all(math.isfinite(e) and e > 0 for e in self.sde_etas),
+            f"eval.sde_etas must be finite numbers > 0 (the ODE is always evaluated); got {list(self.sde_etas)}.",
+        )
 
 
 @dataclass
 class LoggingConfig:
     output_dir: str = _help("directory of the run (config, metrics, checkpoints)", default="runs/diffrl")
     tracker: Literal["none", "tensorboard", "wandb"] = _help("metrics tracker beside the console", default="none")
+    run_name: str | None = _help("the run's name in the tracker (None: the run folder's name)", default=None)
+    wandb_project: str = _help("W&B project (tracker wandb); W&B's files go into the run folder", default="diffrl")
+    wandb_entity: str | None = _help("W&B entity, a user or team (None: W&B's default)", default=None)
     checkpoint_every: int = _help("save a checkpoint every this many epochs (0: only at the end)", default=5)
     keep_last: int = _help("checkpoints kept; older ones are deleted", default=2)
     progress_bars: bool = _help("show progress bars", default=True)
@@ -437,6 +442,7 @@ class Config:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Config:
+        data = _migrate(data)
         sections = {}
         for f in dataclasses.fields(cls):
             section_type = typing.get_type_hints(cls)[f.name]
@@ -470,6 +476,19 @@ class Config:
         if not isinstance(data, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections; got {type(data).__name__}.")
         return cls.from_dict(data)
+
+
+def _migrate(data: dict[str, Any]) -> dict[str, Any]:
+    """A config saved by an earlier diffrl, in today's keys: ``eval.etas`` (the etas evaluated, the ODE among them)
+    is ``eval.sde_etas`` (every-step SDE etas beside the ODE and the training sampler)."""
+    section = data.get("eval") if isinstance(data, dict) else None
+    if isinstance(section, dict) and "etas" in section and "sde_etas" not in section:
+        section = dict(section)
+        etas = section.pop("etas")
+        if isinstance(etas, list | tuple):
+            section["sde_etas"] = [e for e in etas if isinstance(e, int | float) and e != 0]
+        data = {**data, "eval": section}
+    return data
 
 
 def _check_keys(cls: type, values: dict[str, Any], prefix: str) -> None:
@@ -588,14 +607,21 @@ def apply_overrides(config: Config, args: list[str]) -> Config:
     return Config.from_dict(data)
 
 
-def describe(config_type: type = Config) -> str:
-    """Every key with its type, default and help text (for ``--help``)."""
+def describe(config: Config | None = None) -> str:
+    """Every key with its default and help text (for ``--help``); with ``config``, its value there, and the
+    library default beside every value that differs from it."""
     lines = []
     defaults = Config()
-    for section in dataclasses.fields(config_type):
+    for section in dataclasses.fields(Config):
         lines.append(f"{section.name}:")
-        section_type = typing.get_type_hints(config_type)[section.name]
+        section_type = typing.get_type_hints(Config)[section.name]
         for f in dataclasses.fields(section_type):
             default = getattr(getattr(defaults, section.name), f.name)
-            lines.append(f"  --{section.name}.{f.name} (default {default!r}): {f.metadata.get('help', '')}")
+            help_text = f.metadata.get("help", "")
+            if config is None:
+                lines.append(f"  --{section.name}.{f.name} (default {default!r}): {help_text}")
+                continue
+            value = getattr(getattr(config, section.name), f.name)
+            changed = "" if value == default else f"; library default {default!r}"
+            lines.append(f"  --{section.name}.{f.name} {value!r}{changed}: {help_text}")
     return "\n".join(lines)

@@ -1,60 +1,141 @@
-"""ODE vs SDE evaluation: the same prompts from the same noise, sampled at eta = 0 and at the training eta.
+"""ODE vs SDE evaluation: the same prompts from the same noise, sampled with the ODE (eta = 0) and with the sampler
+that trained.
 
-Every prompt gets one seed (``seed + index``), so under every eta a sample starts from the same initial noise
-and the only difference is the sampler's stochasticity. The gap ``reward(eta=0) - reward(eta=train)`` is a paired
-difference; its standard error is that of the per-prompt differences.
+Every prompt gets one seed (``seed + index``), so under every sampler a sample starts from the same initial noise
+and the only difference is the sampler's stochasticity. The samplers compared (:class:`Sampler`) are labelled:
+
+- ``ode``: eta = 0, every step deterministic;
+- ``train_sampler``: the training sampler at that point of training: its eta, noise schedule and SDE window (the
+  window that trained the last epoch, rescaled when evaluation takes another step count);
+- ``sde_eta=<x>``: every step stochastic at eta ``x`` (``eval.sde_etas``), a labelled extra.
+
+The gap ``reward(ode) - reward(train_sampler)`` is a paired difference; its standard error is that of the
+per-prompt differences.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+from tqdm.auto import tqdm
 
 from diffrl.config import Config
 from diffrl.rewards.combine import WeightedSum
-from diffrl.sampling.rollout import rollout
+from diffrl.sampling.rollout import moving_window, rollout
+
+ODE_LABEL = "ode"
+TRAIN_LABEL = "train_sampler"
+
+
+def rescale_window(window: tuple[int, int] | None, from_steps: int, to_steps: int) -> tuple[int, int] | None:
+    """The SDE window ``[start, end)`` of a ``from_steps``-step sampler as steps of a ``to_steps``-step one: the
+    same span of the trajectory, at least one step wide."""
+    if window is None or from_steps == to_steps:
+        return window
+    start = min(math.floor(window[0] * to_steps / from_steps), to_steps - 1)
+    return start, min(to_steps, max(start + 1, math.ceil(window[1] * to_steps / from_steps)))
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """One sampler of an evaluation.
+
+    Attributes:
+        label: its name in scores and metrics (``ode``, ``train_sampler``, ``sde_eta=<x>``).
+        eta: its stochasticity (0: the ODE).
+        sde_window: the stochastic steps ``[start, end)`` of a ``window_steps``-step trajectory (None: every step).
+        window_steps: the step count ``sde_window`` is given in; rescaled to the evaluation's step count.
+    """
+
+    label: str
+    eta: float
+    sde_window: tuple[int, int] | None = None
+    window_steps: int | None = None
+
+    @classmethod
+    def every_step(cls, eta: float) -> Sampler:
+        return cls(ODE_LABEL, 0.0) if eta == 0 else cls(f"sde_eta={eta:g}", float(eta))
+
+    def window_at(self, num_steps: int) -> tuple[int, int] | None:
+        return rescale_window(self.sde_window, self.window_steps or num_steps, num_steps)
+
+    def describe(self, num_steps: int) -> str:
+        """What the sampler is, in words: ``eta 1, stochastic steps 0-1 of 20``."""
+        if self.eta == 0:
+            return "ODE (eta 0)"
+        window = self.window_at(num_steps)
+        if window is None:
+            steps = "every step stochastic"
+        else:
+            steps = f"stochastic steps {window[0]}-{window[1]} of {num_steps}"
+        kind = "training sampler" if self.label == TRAIN_LABEL else "SDE"
+        return f"{kind}: eta {self.eta:g}, {steps}"
+
+
+ODE = Sampler(ODE_LABEL, 0.0)
+
+
+def training_sampler(config: Config, completed_epochs: int = 0) -> Sampler:
+    """The sampler that trained the last of ``completed_epochs`` epochs (the first epoch's before any): the run's
+    eta and its SDE window at that epoch (a moving window moves)."""
+    cfg = config.sample
+    epoch = max(completed_epochs - 1, 0)
+    window = moving_window(cfg.sde_window, cfg.num_steps, cfg.window_stride, cfg.window_shift_every, epoch)
+    return Sampler(TRAIN_LABEL, float(cfg.eta), window, cfg.num_steps)
 
 
 @dataclass
 class EvalResult:
-    """Per-eta reward statistics for every reward part (and ``"total"`` when there are several parts).
+    """Per-sampler reward statistics for every reward part (and ``"total"`` when there are several parts).
 
     Attributes:
-        etas: the etas evaluated, in order.
+        samplers: the samplers evaluated, in order.
         num_steps: denoising steps.
-        scores: ``scores[name][eta]`` is the ``[N]`` per-prompt reward.
-        train_eta: the eta the gap is measured against (``None``: no gap).
+        scores: ``scores[name][label]`` is the ``[N]`` per-prompt reward under the sampler labelled ``label``.
     """
 
-    etas: list[float]
+    samplers: list[Sampler]
     num_steps: int
-    scores: dict[str, dict[float, torch.Tensor]] = field(default_factory=dict)
-    train_eta: float | None = None
+    scores: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
-    def mean(self, name: str, eta: float) -> float:
-        return self.scores[name][eta].mean().item()
+    @property
+    def labels(self) -> list[str]:
+        return [s.label for s in self.samplers]
 
-    def stderr(self, name: str, eta: float) -> float:
-        values = self.scores[name][eta]
+    def mean(self, name: str, label: str) -> float:
+        return self.scores[name][label].mean().item()
+
+    def stderr(self, name: str, label: str) -> float:
+        values = self.scores[name][label]
         return values.std().item() / math.sqrt(len(values)) if len(values) > 1 else 0.0
 
-    def gap(self, name: str) -> tuple[float, float]:
-        """``(mean, standard error)`` of ``reward(eta=0) - reward(eta=train_eta)`` over prompts."""
-        if self.train_eta is None or 0.0 not in self.scores[name]:
-            raise ValueError("the gap needs eta = 0 and a train_eta among the evaluated etas.")
-        return paired_difference(self.scores[name][0.0], self.scores[name][self.train_eta])
+    def gap(self, name: str, against: str = TRAIN_LABEL) -> tuple[float, float]:
+        """``(mean, standard error)`` of ``reward(ode) - reward(against)`` over prompts."""
+        if ODE_LABEL not in self.scores[name] or against not in self.scores[name]:
+            raise ValueError(f"the gap needs the samplers {ODE_LABEL!r} and {against!r}; evaluated {self.labels}.")
+        return paired_difference(self.scores[name][ODE_LABEL], self.scores[name][against])
 
     def to_metrics(self, prefix: str = "eval") -> dict[str, float]:
-        """``{prefix}/{reward}/eta={x}/mean`` (and ``/stderr``) and ``{prefix}/{reward}/gap``."""
+        """``{prefix}/{reward}/{label}/mean`` (and ``/stderr``) per sampler; ``{prefix}/{reward}/gap`` (ODE minus
+        the training sampler) and ``{prefix}/{reward}/gap_{label}`` for every other stochastic sampler."""
         metrics = {}
-        for name in self.scores:
-            for eta in self.etas:
-                metrics[f"{prefix}/{name}/eta={eta:g}/mean"] = self.mean(name, eta)
-                metrics[f"{prefix}/{name}/eta={eta:g}/stderr"] = self.stderr(name, eta)
-            if self.train_eta in self.etas and 0.0 in self.etas and self.train_eta != 0.0:
-                metrics[f"{prefix}/{name}/gap"], metrics[f"{prefix}/{name}/gap_stderr"] = self.gap(name)
+        for name, by_label in self.scores.items():
+            for label in self.labels:
+                if label in by_label:
+                    metrics[f"{prefix}/{name}/{label}/mean"] = self.mean(name, label)
+                    metrics[f"{prefix}/{name}/{label}/stderr"] = self.stderr(name, label)
+            if ODE_LABEL not in by_label:
+                continue
+            for sampler in self.samplers:
+                if sampler.eta == 0 or sampler.label not in by_label:
+                    continue
+                key = "gap" if sampler.label == TRAIN_LABEL else f"gap_{sampler.label}"
+                metrics[f"{prefix}/{name}/{key}"], metrics[f"{prefix}/{name}/{key}_stderr"] = self.gap(
+                    name, sampler.label
+                )
         return metrics
 
 
@@ -87,32 +168,31 @@ def evaluate(
     prompts: list[str],
     reward: WeightedSum,
     *,
-    etas: tuple[float, ...] = (0.0, 1.0),
-    train_eta: float | None = None,
+    samplers: Sequence[Sampler] = (ODE, Sampler.every_step(1.0)),
     num_steps: int = 20,
     guidance_scale: float = 4.0,
     seed: int = 1234,
     batch_size: int = 32,
     noise_schedule: str = "gddim",
-    images_out: dict[float, torch.Tensor] | None = None,
+    images_out: dict[str, torch.Tensor] | None = None,
+    progress: bool = False,
 ) -> EvalResult:
-    """Sample every prompt under every eta from the same per-prompt noise and score it.
-
-    ``train_eta`` defaults to the last non-zero eta. When ``images_out`` is a dict it receives the images per eta.
-    """
-    etas = tuple(float(e) for e in etas)
-    if train_eta is None:
-        nonzero = [e for e in etas if e != 0.0]
-        train_eta = nonzero[-1] if nonzero else None
-    result = EvalResult(etas=list(etas), num_steps=num_steps, train_eta=train_eta)
+    """Sample every prompt under every sampler from the same per-prompt noise and score it. When ``images_out`` is a
+    dict it receives the images per sampler label; ``progress`` shows a bar over the sampling batches."""
+    labels = [s.label for s in samplers]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"evaluation samplers need distinct labels; got {labels}.")
+    result = EvalResult(samplers=list(samplers), num_steps=num_steps)
     seeds = [seed + i for i in range(len(prompts))]
     multi = len(reward.names) > 1
-    for eta in etas:
+    batches = -(-len(prompts) // batch_size)
+    bar = tqdm(total=len(samplers) * batches, desc="evaluation", leave=False, disable=not progress)
+    for sampler in samplers:
         parts: dict[str, list[torch.Tensor]] = {}
         images = []
         for trajectory in _rollouts(
-            policy, prompts, seeds, batch_size, eta=eta, num_steps=num_steps, guidance_scale=guidance_scale,
-            noise_schedule=noise_schedule,
+            policy, prompts, seeds, batch_size, eta=sampler.eta, num_steps=num_steps, guidance_scale=guidance_scale,
+            noise_schedule=noise_schedule, sde_window=sampler.window_at(num_steps) if sampler.eta else None,
         ):  # fmt: skip
             out = reward.score(trajectory.images, trajectory.prompts, [{} for _ in trajectory.prompts])
             for name, values in out.parts.items():
@@ -120,11 +200,26 @@ def evaluate(
             if multi:
                 parts.setdefault("total", []).append(out.total)
             images.append(trajectory.images.cpu())
+            bar.update(1)
         for name, chunks in parts.items():
-            result.scores.setdefault(name, {})[eta] = torch.cat(chunks)
+            result.scores.setdefault(name, {})[sampler.label] = torch.cat(chunks)
         if images_out is not None:
-            images_out[eta] = torch.cat(images)
+            images_out[sampler.label] = torch.cat(images)
+    bar.close()
     return result
+
+
+def run_samplers(config: Config, completed_epochs: int = 0, sde_etas: Sequence[float] | None = None) -> list[Sampler]:
+    """What a run evaluates: the ODE, its training sampler after ``completed_epochs`` epochs, and every-step SDE at
+    each of ``sde_etas`` (default ``eval.sde_etas``) except where that is the training sampler itself."""
+    train = training_sampler(config, completed_epochs)
+    samplers = [ODE, train]
+    for eta in config.eval.sde_etas if sde_etas is None else sde_etas:
+        extra = Sampler.every_step(float(eta))
+        same_as_train = train.sde_window is None and extra.eta == train.eta
+        if extra.eta != 0 and not same_as_train and extra.label not in {s.label for s in samplers}:
+            samplers.append(extra)
+    return samplers
 
 
 def evaluate_with_config(
@@ -133,25 +228,26 @@ def evaluate_with_config(
     prompts: list[str],
     reward: WeightedSum,
     *,
-    etas: tuple[float, ...],
+    completed_epochs: int = 0,
+    sde_etas: Sequence[float] | None = None,
     num_steps: int | None = None,
-    images_out: dict[float, torch.Tensor] | None = None,
+    images_out: dict[str, torch.Tensor] | None = None,
+    progress: bool = False,
 ) -> EvalResult:
     """:func:`evaluate` with a run's settings: its guidance, noise schedule and batch size, the evaluation seed and
-    step count (unless ``num_steps`` is given); the gap is measured against the training eta when it is evaluated."""
-    etas = tuple(float(e) for e in etas)
+    step count (unless ``num_steps`` is given), and the samplers of :func:`run_samplers`."""
     return evaluate(
         policy,
         prompts,
         reward,
-        etas=etas,
-        train_eta=config.sample.eta if config.sample.eta in etas else None,
+        samplers=run_samplers(config, completed_epochs, sde_etas),
         num_steps=num_steps or config.eval.num_steps,
         guidance_scale=config.sample.guidance_scale,
         seed=config.eval.seed,
         batch_size=config.sample.batch_size,
         noise_schedule=config.sample.noise_schedule,
         images_out=images_out,
+        progress=progress,
     )
 
 

@@ -63,13 +63,14 @@ def primary_reward(names: list[str]) -> str:
 
 @torch.no_grad()
 def evaluate_run(config: Config, directory: Path, eval_steps: list[int]) -> dict:
-    """ODE (eta 0) vs SDE (the run's eta) on the held-out prompts with the run's final LoRA, per step count; plus
-    the base-policy gap from the run's first evaluation when it logged one."""
+    """The ODE against the run's training sampler (its eta and final SDE window; ``sde``) on the held-out prompts
+    with the run's final LoRA, per step count, and, when the run trained a window, every-step SDE at its eta
+    (``sde_all_steps``); plus the base-policy gap from the run's first evaluation when it logged one."""
     from diffrl import policies
     from diffrl.checkpoint import find_checkpoint
-    from diffrl.evaluation import evaluate_with_config
+    from diffrl.evaluation import TRAIN_LABEL, Sampler, evaluate_with_config
+    from diffrl.loading import load_eval_prompts
     from diffrl.rewards import weighted_sum
-    from diffrl.trainers.base import load_eval_prompts
 
     checkpoint = find_checkpoint(directory, "latest")
     policy = policies.load(config)
@@ -77,16 +78,24 @@ def evaluate_run(config: Config, directory: Path, eval_steps: list[int]) -> dict
     prompts = load_eval_prompts(config)
     reward = weighted_sum(config.reward.spec, kwargs=config.reward.kwargs)
     name, eta = primary_reward(reward.names), config.sample.eta
+    windowed = config.sample.sde_window is not None
     result = {"eta": eta, "seed": config.train.seed, "reward": name, "checkpoint": checkpoint.name, "steps": {}}
     for num_steps in eval_steps:
-        evaluation = evaluate_with_config(policy, config, prompts, reward, etas=(0.0, eta), num_steps=num_steps)
+        evaluation = evaluate_with_config(
+            policy, config, prompts, reward, completed_epochs=config.train.epochs, sde_etas=[eta] if windowed else [],
+            num_steps=num_steps,
+        )  # fmt: skip
         gap, gap_stderr = evaluation.gap(name)
-        result["steps"][str(num_steps)] = {
-            "ode": evaluation.mean(name, 0.0),
-            "sde": evaluation.mean(name, eta),
+        cell = {
+            "ode": evaluation.mean(name, "ode"),
+            "sde": evaluation.mean(name, TRAIN_LABEL),
             "gap": gap,
             "gap_stderr": gap_stderr,
+            "sde_sampler": evaluation.samplers[1].describe(num_steps),
         }
+        if windowed:
+            cell["sde_all_steps"] = evaluation.mean(name, Sampler.every_step(eta).label)
+        result["steps"][str(num_steps)] = cell
     first = _first_evaluation(directory / "metrics.jsonl", name)
     if first is not None:
         result["base_gap"] = {"steps": config.eval.num_steps, "gap": first}
@@ -107,7 +116,7 @@ def run_sweep(
     recipe: str, etas: list[float], seeds: list[int], out: Path, overrides: list[str], eval_steps: list[int] | None
 ) -> list[dict]:
     """Train and evaluate every (eta, seed) not done yet; write and return the summary rows."""
-    from diffrl.cli import load_recipe
+    from diffrl.loading import load_recipe
     from diffrl.trainers import train
 
     base = apply_overrides(load_recipe(recipe)(), overrides)
@@ -151,8 +160,9 @@ def summarize(out: Path) -> list[dict]:
         for steps in sorted({int(s) for r in runs for s in r["steps"]}):
             cells = [r["steps"][str(steps)] for r in runs if str(steps) in r["steps"]]
             row = {"eta": eta, "steps": steps, "seeds": len(cells), "reward": runs[0]["reward"]}
-            for key in ("ode", "sde", "gap"):
-                row[f"{key}_mean"], row[f"{key}_stderr"] = _mean_stderr([c[key] for c in cells])
+            for key in ("ode", "sde", "gap", "sde_all_steps"):
+                if all(key in c for c in cells):
+                    row[f"{key}_mean"], row[f"{key}_stderr"] = _mean_stderr([c[key] for c in cells])
             base_gaps = [r["base_gap"]["gap"] for r in runs if r.get("base_gap", {}).get("steps") == steps]
             if base_gaps:
                 row["base_gap_mean"], row["base_gap_stderr"] = _mean_stderr(base_gaps)
@@ -176,15 +186,16 @@ def markdown_table(rows: list[dict]) -> str:
     reward = rows[0]["reward"]
     lines = [
         f"Held-out `{reward}` reward after training, mean ± standard error over seeds. ODE: eta = 0; SDE: the "
-        "training eta; gap = ODE − SDE on the same noise (base gap: the same before training, at the training "
-        "evaluation's step count).",
+        "sampler that trained (the training eta on its SDE window); gap = ODE − SDE on the same noise (base gap: "
+        "the same before training, at the training evaluation's step count); every-step SDE: every step "
+        "stochastic at the training eta (runs that trained a window).",
         "",
-        "| training eta | steps | seeds | ODE | SDE | gap | base gap |",
-        "|---|---|---|---|---|---|---|",
+        "| training eta | steps | seeds | ODE | SDE | gap | base gap | every-step SDE |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
             f"| {row['eta']:g} | {row['steps']} | {row['seeds']} | {cell(row, 'ode')} | {cell(row, 'sde')} | "
-            f"{cell(row, 'gap')} | {cell(row, 'base_gap')} |"
+            f"{cell(row, 'gap')} | {cell(row, 'base_gap')} | {cell(row, 'sde_all_steps')} |"
         )
     return "\n".join(lines) + "\n"

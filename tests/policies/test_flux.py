@@ -26,20 +26,23 @@ def load(path, **model) -> FluxPolicy:
 
 
 def pipeline_images(path, steps: int, guidance: float, seeds=SEEDS, lora=None) -> torch.Tensor:
+    """Plain ``FluxPipeline`` samples, called with the arguments the policy's helper gives."""
     pipeline = FluxPipeline.from_pretrained(path)
     if lora is not None:
         pipeline.load_lora_weights(lora)
-    embeds_model = pipeline.transformer.config.guidance_embeds
-    return pipeline(
-        PROMPTS,
-        height=32,
-        width=32,
-        num_inference_steps=steps,
-        max_sequence_length=16,
-        generator=[torch.Generator().manual_seed(s) for s in seeds],
-        output_type="pt",
-        **({"guidance_scale": guidance} if embeds_model else {"true_cfg_scale": guidance, "negative_prompt": ""}),
-    ).images
+    kwargs = load(path).pipeline_kwargs(steps, guidance)
+    generator = [torch.Generator().manual_seed(s) for s in seeds]
+    return pipeline(PROMPTS, generator=generator, output_type="pt", **kwargs).images
+
+
+def test_pipeline_kwargs_name_the_resolution_t5_length_and_guidance(random_flux_dir, random_flux_dev_dir):
+    true_cfg, embedded = (
+        load(random_flux_dir).pipeline_kwargs(6, 3.5),
+        load(random_flux_dev_dir).pipeline_kwargs(6, 3.5),
+    )
+    common = {"num_inference_steps": 6, "height": 32, "width": 32, "max_sequence_length": 16}
+    assert true_cfg == {**common, "true_cfg_scale": 3.5, "negative_prompt": ""}
+    assert embedded == {**common, "guidance_scale": 3.5}
 
 
 @pytest.mark.parametrize("model", ["true_cfg", "guidance_embedding"])
@@ -147,7 +150,7 @@ def test_grpo_trains_flux_with_a_window_through_the_same_trainer(random_flux_dir
     assert len(trained) == 2
     assert all(row["train/on_policy_max_abs_ratio_minus_1"] < 1e-4 for row in trained)
     assert trained[0]["sample/sde_window_start"] == 1 and trained[0]["sample/sde_window_end"] == 3
-    assert all({"eval/brightness/eta=0/mean", "eval/brightness/gap"} <= set(row) for row in rows)  # epochs 0, 1, 2
+    assert all({"eval/brightness/ode/mean", "eval/brightness/gap"} <= set(row) for row in rows)  # epochs 0, 1, 2
     adapter = tmp_path / "run" / "checkpoints" / "epoch-000002" / "adapter"
     weights = load_file(adapter / "pytorch_lora_weights.safetensors")
     assert any(k.startswith("transformer.") and "lora_B" in k and v.abs().max() > 0 for k, v in weights.items())

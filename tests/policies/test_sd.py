@@ -20,14 +20,10 @@ def test_rollout_at_eta_zero_equals_the_diffusers_pipeline(random_sd_dir, policy
     pipeline = StableDiffusionPipeline.from_pretrained(random_sd_dir)
     pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
     prompts, seeds = ["a red circle", "two blue squares"], [3, 4]
-    expected = pipeline(
-        prompts,
-        num_inference_steps=10,
-        guidance_scale=4.0,
-        eta=0.0,
-        generator=[torch.Generator().manual_seed(s) for s in seeds],
-        output_type="pt",
-    ).images
+    kwargs = policy.pipeline_kwargs(10, 4.0)  # what the README tells a user to pass
+    assert kwargs == {"num_inference_steps": 10, "guidance_scale": 4.0, "eta": 0.0, "height": 64, "width": 64}
+    generator = [torch.Generator().manual_seed(s) for s in seeds]
+    expected = pipeline(prompts, generator=generator, output_type="pt", **kwargs).images
     ours = rollout(policy, prompts, seeds, eta=0.0, num_steps=10, guidance_scale=4.0)
     torch.testing.assert_close(ours.images, expected, atol=1e-5, rtol=1e-5)
     assert not ours.sde_mask.any()

@@ -230,8 +230,10 @@ def test_the_update_pairs_each_sample_with_its_own_advantage_and_steps(random_sd
 @pytest.mark.parametrize("tracker", ["tensorboard", "wandb"])
 def test_metrics_and_sample_grids_reach_the_tracker(random_sd_dir, tmp_path, monkeypatch, tracker):
     monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.delenv("WANDB_DIR", raising=False)
     monkeypatch.setenv("WANDB_SILENT", "true")
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
     config = apply_overrides(
         small_config(str(random_sd_dir), str(tmp_path / "run")),
         ["--train.epochs", "1", "--eval.every_epochs", "1", "--eval.num_prompts", "2", "--logging.tracker", tracker],
@@ -248,10 +250,15 @@ def test_metrics_and_sample_grids_reach_the_tracker(random_sd_dir, tmp_path, mon
         assert "eval/shapes/gap" in events.Tags()["scalars"]
         assert [e.step for e in events.Images("eval/samples")] == [0, 1]
     else:
-        (run,) = tmp_path.glob("wandb/offline-run-*")
+        assert not list((tmp_path / "cwd").iterdir())  # W&B writes into the run folder, not ./wandb
+        (run,) = (tmp_path / "run").glob("wandb/offline-run-*")
+        assert run.name.endswith((tmp_path / "run" / "wandb_id").read_text().strip())  # a resume continues it
         records, images = _wandb_offline_run(run, [b"reward/mean", b"eval/shapes/gap"], images=2)
         assert b"reward/mean" in records and b"eval/shapes/gap" in records
         assert len(images) == 2
+        tiles = list(run.glob("files/media/images/eval/images_*.png"))
+        assert len(tiles) >= 2 * 2 * 2  # every image of both evaluations: 2 prompts x 2 samplers, with captions
+        assert b" | ODE (eta 0) | total " in records and b" | training sampler: eta 1, every step" in records
 
 
 def _wandb_offline_run(run: Path, needles: list[bytes], images: int, timeout: float = 60.0):
@@ -330,3 +337,35 @@ def test_the_logged_learning_rate_is_the_one_the_epoch_trained_with(random_sd_di
     first, second = read_metrics(tmp_path)
     assert first["train/lr"] == pytest.approx(1e-2) and second["train/lr"] == pytest.approx(5e-3)
     assert first["train/advantage_abs_mean"] > 0 and first["train/optimizer_steps"] == 1
+
+
+@pytest.mark.parametrize("cpu_flag", [[], ["--cpu"]], ids=["plain", "--cpu"])
+def test_a_launch_that_asked_for_two_processes_and_started_one_stops(random_sd_dir, tmp_path, cpu_flag):
+    launcher = [
+        sys.executable, "-m", "accelerate.commands.launch", *cpu_flag, "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no",
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    command = [*launcher, str(HELPER), str(random_sd_dir), str(tmp_path / "run"), "--train.epochs", "1"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "accelerate launch --multi_gpu --num_processes N" in result.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()  # stopped before training anything
+
+
+def test_evaluation_compares_the_ode_with_the_sampler_that_trained(random_sd_dir, tmp_path):
+    config = apply_overrides(
+        small_config(str(random_sd_dir), str(tmp_path)),
+        ["--train.epochs", "1", "--eval.every_epochs", "1", "--eval.num_prompts", "2", "--eval.num_steps", "8",
+         "--sample.sde_window", "0,2", "--sample.eta", "1.5", "--eval.sde_etas", "1.5", "--eval.grid_prompts", "2"],
+    )  # fmt: skip
+    train(config, reward=brightness)
+    rows = read_metrics(tmp_path)
+    for row in rows:  # before and after training
+        for label in ("ode", "train_sampler", "sde_eta=1.5"):
+            assert f"eval/brightness/{label}/mean" in row
+        gap = row["eval/brightness/ode/mean"] - row["eval/brightness/train_sampler/mean"]
+        assert row["eval/brightness/gap"] == pytest.approx(gap, abs=1e-6)  # the gap is to the training sampler
+        assert "eval/brightness/gap_sde_eta=1.5" in row
+        # the window (steps 0-1 of 4, so 0-3 of 8) and every-step SDE at the same eta are different samplers
+        assert row["eval/brightness/train_sampler/mean"] != row["eval/brightness/sde_eta=1.5/mean"]

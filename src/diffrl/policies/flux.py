@@ -72,6 +72,23 @@ class FluxPolicy(LoraModel):
         self._prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._schedules: dict[int, FluxSchedule] = {}
 
+    def pipeline_kwargs(self, num_steps: int, guidance_scale: float) -> dict:
+        """Keyword arguments of a plain ``FluxPipeline`` call that draws this policy's ODE samples (with the adapter
+        loaded with ``load_lora_weights`` and one ``torch.Generator().manual_seed(seed)`` per prompt): the
+        resolution and T5 length it samples at, and its guidance: through the guidance embedding (FLUX.1-dev) or,
+        for a model without one, true classifier-free guidance against the empty prompt."""
+        kwargs = {
+            "num_inference_steps": num_steps,
+            "height": self.resolution,
+            "width": self.resolution,
+            "max_sequence_length": self.max_sequence_length,
+        }
+        if self.guidance_embeds:
+            return {**kwargs, "guidance_scale": guidance_scale}
+        if guidance_scale == 1.0:
+            return kwargs
+        return {**kwargs, "true_cfg_scale": guidance_scale, "negative_prompt": ""}
+
     @classmethod
     def load(cls, model: ModelConfig, lora: LoraConfig, device: torch.device | str = "cpu") -> FluxPolicy:
         """Load a FLUX.1-layout model from a local directory or a hub id and add LoRA (unless full fine-tune)."""

@@ -56,6 +56,15 @@ class SDPolicy(LoraModel):
         vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         latent_size = resolution // vae_scale_factor if resolution else self.unet.config.sample_size
         self.latent_shape = (self.unet.config.in_channels, latent_size, latent_size)
+        self.resolution = latent_size * vae_scale_factor
+
+    def pipeline_kwargs(self, num_steps: int, guidance_scale: float) -> dict:
+        """Keyword arguments of a plain ``StableDiffusionPipeline`` call that draws this policy's ODE samples (with
+        ``pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)``, the adapter loaded with
+        ``load_lora_weights`` and one ``torch.Generator().manual_seed(seed)`` per prompt)."""
+        side = self.resolution
+        return {"num_inference_steps": num_steps, "guidance_scale": guidance_scale, "eta": 0.0, "height": side,
+                "width": side}  # fmt: skip
 
     @classmethod
     def load(cls, model: ModelConfig, lora: LoraConfig, device: torch.device | str = "cpu") -> SDPolicy:

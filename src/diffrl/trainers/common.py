@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections import deque
 from dataclasses import dataclass
 from typing import Literal
@@ -155,3 +156,8 @@ def subsample_timesteps(
     keep = max(1, int(torch.tensor(fraction * len(stochastic)).ceil().item()))
     orders = [stochastic[torch.randperm(len(stochastic), generator=generator)[:keep]] for _ in range(batch_size)]
     return torch.stack(orders) if orders else torch.empty(0, keep, dtype=torch.long)
+
+
+def derived_seed(*parts: int) -> int:
+    """A 63-bit seed from integers, the same on every platform and process."""
+    return random.Random(":".join(str(p) for p in parts)).getrandbits(63)
