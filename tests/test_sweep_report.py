@@ -149,3 +149,19 @@ def test_wall_clock_minutes_add_every_timed_phase_of_every_epoch():
         {"epoch": 2, "time/sampling_s": 30.0, "time/training_s": 30.0, "time/eval_s": 60.0},
     ]
     assert wall_minutes(metrics) == {0: 1.0, 1: 2.0, 2: 4.0}
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3"])
+def test_the_sweep_runs_unchanged_on_sdxl_and_sd3(family, random_sdxl_dir, random_sd3_dir, tmp_path):
+    path = random_sdxl_dir if family == "sdxl" else random_sd3_dir
+    extra = "" if family == "sdxl" else ", '--lora.target_modules', ','.join(FLUX_ATTENTION)"
+    recipe = tmp_path / f"{family}_recipe.py"
+    recipe.write_text(
+        "from tiny_run import small_config\nfrom diffrl.config import FLUX_ATTENTION, apply_overrides\n\n\n"
+        "def config():\n"
+        f"    return apply_overrides(small_config({str(path)!r}, 'unused'), [\n"
+        f"        '--model.family', {family!r}, '--reward.spec', 'jpeg_compressibility'{extra}])\n"
+    )
+    rows = run_sweep(str(recipe), [1.0, 1.5], [0], tmp_path / "out", OVERRIDES, [2])
+    assert [(r["eta"], r["steps"]) for r in rows] == [(1.0, 2), (1.5, 2)]
+    assert report_main([str(tmp_path / "out")]) == 0

@@ -34,9 +34,16 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+FAMILIES = ("sd", "sdxl", "sd3", "flux")
+VP_FAMILIES = ("sd", "sdxl")  # the others are rectified-flow models
+
+
 @dataclass
 class ModelConfig:
-    family: Literal["sd", "flux"] = _help("model family: 'sd' (SD1.x/2.x layout) or 'flux'", default="sd")
+    family: Literal["sd", "sdxl", "sd3", "flux"] = _help(
+        "model family: 'sd' (SD1.x/2.x layout), 'sdxl' (Stable Diffusion XL), 'sd3' (SD3 / SD3.5) or 'flux' (FLUX.1)",
+        default="sd",
+    )
     path: str = _help(
         "local directory or hub id of a diffusers-layout model; 'tiny' is the embedded one", default="tiny"
     )
@@ -69,9 +76,15 @@ class ModelConfig:
     max_sequence_length: int = _help(
         "FLUX: T5 prompt tokens; 0: the T5 tokenizer's model_max_length, at most 512 (FLUX.1-dev: 512)", default=0
     )
+    t5: bool = _help("SD3: load the T5 text encoder (false: leave it out, as diffusers allows)", default=True)
+    vae: str = _help(
+        "SDXL: an AutoencoderKL (folder or hub id) used instead of the model's own, e.g. an fp16-fixed VAE that "
+        "runs in model.dtype ('': the model's VAE, kept float32 where its config asks to upcast)",
+        default="",
+    )
 
     def __post_init__(self) -> None:
-        _require(self.family in ("sd", "flux"), f"model.family must be 'sd' or 'flux'; got {self.family!r}.")
+        _require(self.family in FAMILIES, f"model.family must be one of {', '.join(FAMILIES)}; got {self.family!r}.")
         _require(bool(self.path), "model.path is empty; give a local model directory, a hub id, or 'tiny'.")
         _require(
             self.dtype in ("float32", "bfloat16", "float16"),
@@ -87,7 +100,7 @@ class ModelConfig:
         )
 
 
-# LoRA targets for FLUX.1: the image- and text-stream attention projections of every block
+# LoRA targets for the MMDiTs (FLUX.1, SD3): the image- and text-stream attention projections of every block
 FLUX_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
 
@@ -404,7 +417,7 @@ class Config:
             f"samples per epoch per process ({samples_per_epoch}) must be a multiple of train.batch_size x "
             f"train.gradient_accumulation_steps ({step_samples}) so that no optimizer step is left half-accumulated.",
         )
-        if self.model.family == "sd":
+        if self.model.family in VP_FAMILIES:
             _require(
                 sample.noise_schedule in ("gddim", "ddim"),
                 f"sample.noise_schedule {sample.noise_schedule!r} is for flow models; use gddim or ddim with SD.",
@@ -412,7 +425,8 @@ class Config:
         else:
             _require(
                 sample.noise_schedule in ("gddim", "flow_grpo"),
-                f"sample.noise_schedule {sample.noise_schedule!r} is for SD; use gddim or flow_grpo with FLUX.",
+                f"sample.noise_schedule {sample.noise_schedule!r} is for SD; use gddim or flow_grpo with flow models "
+                "(FLUX, SD3).",
             )
         if train.algorithm == "ddpo_sf":
             _require(

@@ -16,11 +16,19 @@ def load(config: Config, device: torch.device | str = "cpu"):
         from diffrl.policies.sd import SDPolicy
 
         return SDPolicy.load(config.model, config.lora, device)
+    if config.model.family == "sdxl":
+        from diffrl.policies.sdxl import SDXLPolicy
+
+        return SDXLPolicy.load(config.model, config.lora, device)
+    if config.model.family == "sd3":
+        from diffrl.policies.sd3 import SD3Policy
+
+        return SD3Policy.load(config.model, config.lora, device)
     if config.model.family == "flux":
         from diffrl.policies.flux import FluxPolicy
 
         return FluxPolicy.load(config.model, config.lora, device)
-    raise ValueError(f"unknown model family {config.model.family!r}; use 'sd' or 'flux'.")
+    raise ValueError(f"unknown model family {config.model.family!r}; use 'sd', 'sdxl', 'sd3' or 'flux'.")
 
 
 def pipeline_kwargs(policy, config: Config, num_steps: int | None = None) -> dict:

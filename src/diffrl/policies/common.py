@@ -112,7 +112,9 @@ class LoraModel:
         if self.lora is None:
             self.model.save_pretrained(directory / self.component)
             return
-        state = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.model))
+        state = get_peft_model_state_dict(self.model)
+        if self.component == "unet":  # as diffusers' UNet LoRA scripts save; its transformer loaders read peft's names
+            state = convert_state_dict_to_diffusers(state)
         self.pipeline_class.save_lora_weights(
             save_directory=directory,
             safe_serialization=True,

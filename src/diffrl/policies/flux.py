@@ -10,8 +10,6 @@ empty prompt (both halves in one batch).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
@@ -20,23 +18,10 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from diffrl.config import LoraConfig, ModelConfig
 from diffrl.policies.common import LoraModel, pipeline_dtype, resolve_model_path
-from diffrl.sampling.common import StepOutput
-from diffrl.sampling.flow import flow_step
+from diffrl.policies.flow_steps import FlowSchedule, FlowSteps
 
 
-@dataclass(frozen=True)
-class FluxSchedule:
-    """``sigmas`` ``[T + 1]`` (ending at 0) on the host (the step maths reads them there, without a device
-    synchronisation) and the transformer's timestep input ``timesteps = 1000 sigmas[:T]`` on the device."""
-
-    sigmas: torch.Tensor
-    timesteps: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.timesteps)
-
-
-class FluxPolicy(LoraModel):
+class FluxPolicy(FlowSteps, LoraModel):
     family = "flux"
     pipeline_class = FluxPipeline
     component = "transformer"
@@ -70,7 +55,7 @@ class FluxPolicy(LoraModel):
             1, side // 2, side // 2, self.device, self.dtype
         )
         self._prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._schedules: dict[int, FluxSchedule] = {}
+        self._schedules: dict[int, FlowSchedule] = {}
 
     def pipeline_kwargs(self, num_steps: int, guidance_scale: float) -> dict:
         """Keyword arguments of a plain ``FluxPipeline`` call that draws this policy's ODE samples (with the adapter
@@ -103,7 +88,7 @@ class FluxPolicy(LoraModel):
     # ------------------------------------------------------------------------------------------------------------
     # sampling surface
 
-    def schedule(self, num_steps: int) -> FluxSchedule:
+    def schedule(self, num_steps: int) -> FlowSchedule:
         if num_steps not in self._schedules:
             config = self.scheduler.config
             mu = calculate_shift(
@@ -117,7 +102,7 @@ class FluxPolicy(LoraModel):
             if config.get("use_flow_sigmas", False):
                 sigmas = None
             self.scheduler.set_timesteps(num_steps, device=self.device, sigmas=sigmas, mu=mu)
-            self._schedules[num_steps] = FluxSchedule(
+            self._schedules[num_steps] = FlowSchedule(
                 self.scheduler.sigmas.to("cpu", torch.float32), self.scheduler.timesteps.to(self.device)
             )
         return self._schedules[num_steps]
@@ -184,38 +169,6 @@ class FluxPolicy(LoraModel):
             img_ids=self.latent_image_ids,
             return_dict=False,
         )[0]
-
-    def step(
-        self,
-        model_output: torch.Tensor,
-        num_steps: int,
-        step_index: int | torch.Tensor,
-        latents: torch.Tensor,
-        *,
-        eta: float,
-        noise_schedule: str = "gddim",
-        generator: list[torch.Generator] | torch.Generator | None = None,
-        prev_sample: torch.Tensor | None = None,
-        log_prob_reduction: str = "mean",
-    ) -> StepOutput:
-        """One reverse step at ``step_index`` (scalar or ``[B]``): sigma ``t -> s`` of the ``num_steps`` schedule."""
-        sigmas = self.schedule(num_steps).sigmas
-        index = torch.as_tensor(step_index).cpu()  # host indices (the trainers keep them there): no device sync
-        return flow_step(
-            model_output,
-            sigmas[index],
-            sigmas[index + 1],
-            latents,
-            eta=eta,
-            noise_schedule=noise_schedule,
-            generator=generator,
-            prev_sample=prev_sample,
-            log_prob_reduction=log_prob_reduction,
-        )
-
-    def timestep_input(self, num_steps: int, step_index: int | torch.Tensor) -> torch.Tensor:
-        """The scheduler's timestep (1000 sigma) for ``step_index`` (scalar or ``[B]``); ``predict`` scales it."""
-        return self.schedule(num_steps).timesteps[torch.as_tensor(step_index, device=self.device)]
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

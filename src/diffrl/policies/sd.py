@@ -46,7 +46,9 @@ class SDPolicy(LoraModel):
         self.tokenizer = pipeline.tokenizer
         self.unet = pipeline.unet.to(self.device)
         self.denoiser = self.unet  # what forward passes call; a trainer may swap in a DDP-wrapped unet
-        self.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
+        # gDDIM never clips the predicted clean sample; a DDIM scheduler built for a plain pipeline must not either
+        # (a config without the key, as SDXL's Euler configs may be, defaults to clipping)
+        self.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config, clip_sample=False)
         self.prediction_type = self.scheduler.config.prediction_type
         self.alphas_cumprod = self.scheduler.alphas_cumprod.cpu()  # on the host: see SDSchedule
         self.final_alpha_cumprod = float(self.scheduler.final_alpha_cumprod)
@@ -60,7 +62,7 @@ class SDPolicy(LoraModel):
 
     def pipeline_kwargs(self, num_steps: int, guidance_scale: float) -> dict:
         """Keyword arguments of a plain ``StableDiffusionPipeline`` call that draws this policy's ODE samples (with
-        ``pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)``, the adapter loaded with
+        ``pipeline.scheduler = DDIMScheduler.from_config(policy.scheduler.config)``, the adapter loaded with
         ``load_lora_weights`` and one ``torch.Generator().manual_seed(seed)`` per prompt)."""
         side = self.resolution
         return {"num_inference_steps": num_steps, "guidance_scale": guidance_scale, "eta": 0.0, "height": side,

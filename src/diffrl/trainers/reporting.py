@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 
 import torch
@@ -44,7 +45,9 @@ class ReportingPhase:
         if cfg.tracker == "wandb":
             id_path = self.output_dir / "wandb_id"
             if self.is_main and not id_path.is_file():
-                id_path.write_text(f"{name[:48]}-{os.urandom(4).hex()}")
+                # a W&B id takes letters, digits, - and _
+                stem = re.sub(r"[^A-Za-z0-9_-]+", "-", name)[:48].strip("-") or "run"
+                id_path.write_text(f"{stem}-{os.urandom(4).hex()}")
             self.accelerator.wait_for_everyone()
             kwargs = {"dir": str(self.output_dir), "name": name, "id": id_path.read_text().strip(), "resume": "allow"}
             if cfg.wandb_entity:
