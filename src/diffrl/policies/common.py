@@ -91,6 +91,24 @@ class LoraModel:
         """The empty prompt's encoding (the unconditional half of classifier-free guidance), batch of one."""
         return self.encode_prompts([""])
 
+    def guided(self, forward, latents: torch.Tensor, t: torch.Tensor, prompt_embeds, guidance_scale: float):
+        """Classifier-free guidance for a prompt encoded as a pair (hidden states ``[B, L, D]``, pooled
+        ``[B, P]``): ``forward(latents, t, embeds, pooled)`` once on the conditional batch (guidance 1) or once on
+        the unconditional and conditional halves together; float32 out."""
+        embeds, pooled = prompt_embeds
+        if guidance_scale == 1.0:
+            return forward(latents.to(self.dtype), t, embeds, pooled).float()
+        batch = latents.shape[0]
+        negative, negative_pooled = self.negative_embeds
+        out = forward(
+            torch.cat([latents, latents]).to(self.dtype),
+            torch.cat([t, t]),
+            torch.cat([negative.expand(batch, -1, -1), embeds]),
+            torch.cat([negative_pooled.expand(batch, -1), pooled]),
+        )
+        uncond, cond = out.float().chunk(2)
+        return uncond + guidance_scale * (cond - uncond)
+
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
 

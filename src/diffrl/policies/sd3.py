@@ -135,20 +135,8 @@ class SD3Policy(FlowSteps, LoraModel):
     ) -> torch.Tensor:
         """The predicted velocity at ``latents`` after guidance, float32 ``[B, C, h, w]``; the unconditional and
         conditional halves run as one batch, as in the pipeline."""
-        embeds, pooled = prompt_embeds
-        batch = latents.shape[0]
-        t = torch.as_tensor(timesteps, device=self.device).expand(batch).to(self.dtype)
-        if guidance_scale == 1.0:
-            return self._forward(latents.to(self.dtype), t, embeds, pooled).float()
-        negative, negative_pooled = self.negative_embeds
-        out = self._forward(
-            torch.cat([latents, latents]).to(self.dtype),
-            torch.cat([t, t]),
-            torch.cat([negative.expand(batch, -1, -1), embeds]),
-            torch.cat([negative_pooled.expand(batch, -1), pooled]),
-        )
-        uncond, cond = out.float().chunk(2)
-        return uncond + guidance_scale * (cond - uncond)
+        t = torch.as_tensor(timesteps, device=self.device).expand(latents.shape[0]).to(self.dtype)
+        return self.guided(self._forward, latents, t, prompt_embeds, guidance_scale)
 
     def _forward(self, latents, t, embeds, pooled) -> torch.Tensor:
         return self.denoiser(

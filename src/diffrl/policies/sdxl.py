@@ -93,20 +93,8 @@ class SDXLPolicy(SDPolicy):
     ) -> torch.Tensor:
         """The model output at ``latents`` after classifier-free guidance, float32 ``[B, C, h, w]``; the
         unconditional and conditional halves run as one batch."""
-        embeds, pooled = prompt_embeds
-        batch = latents.shape[0]
-        timesteps = torch.as_tensor(timesteps, device=self.device).expand(batch)
-        if guidance_scale == 1.0:
-            return self._forward(latents.to(self.dtype), timesteps, embeds, pooled).float()
-        negative, negative_pooled = self.negative_embeds
-        out = self._forward(
-            torch.cat([latents, latents]).to(self.dtype),
-            torch.cat([timesteps, timesteps]),
-            torch.cat([negative.expand(batch, -1, -1), embeds]),
-            torch.cat([negative_pooled.expand(batch, -1), pooled]),
-        )
-        uncond, cond = out.float().chunk(2)
-        return uncond + guidance_scale * (cond - uncond)
+        timesteps = torch.as_tensor(timesteps, device=self.device).expand(latents.shape[0])
+        return self.guided(self._forward, latents, timesteps, prompt_embeds, guidance_scale)
 
     def _forward(self, latents, timesteps, embeds, pooled) -> torch.Tensor:
         conditions = {"text_embeds": pooled, "time_ids": self.time_ids.expand(latents.shape[0], -1)}
