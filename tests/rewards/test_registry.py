@@ -6,6 +6,7 @@ import torch
 
 from diffrl.rewards import RewardError, build_reward, parse_reward_spec, weighted_sum
 from diffrl.rewards.jpeg import jpeg_sizes_kb
+from diffrl.rewards.registry import reward_parts
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -64,7 +65,18 @@ def test_parse_reward_spec():
     }
     assert parse_reward_spec("shapes") == {"shapes": 1.0}
     assert parse_reward_spec("rewards/x.py:fn=2") == {"rewards/x.py:fn": 2.0}
-    for bad, message in [("a=x", "is not a number"), ("a,,b", "empty reward name"), ("a,a", "appears twice")]:
+    assert reward_parts("pickscore=0.5,bright=/abs/rewards/x.py:fn=2,mine.rewards:score,http://127.0.0.1:8765") == [
+        ("pickscore", "pickscore", 0.5),
+        ("bright", "/abs/rewards/x.py:fn", 2.0),
+        ("score", "mine.rewards:score", 1.0),  # stable names: no path or port in a metric key
+        ("remote", "http://127.0.0.1:8765", 1.0),
+    ]
+    for bad, message in [
+        ("a,,b", "empty reward name"),
+        ("a,a", "both named 'a'"),
+        ("x.py:fn,y.py:fn", "both named 'fn'; name them apart"),
+        ("my name=shapes", "write NAME=SPEC with a name of letters"),
+    ]:
         with pytest.raises(ValueError, match=message):
             parse_reward_spec(bad)
     with pytest.raises(ValueError, match="must be finite"):
@@ -92,6 +104,9 @@ def test_weighted_sum_passes_kwargs_to_registry_rewards():
     torch.testing.assert_close(combined(images(), ["p"] * 3), jpeg_sizes_kb(images(), quality=10))
     with pytest.raises(ValueError, match="not among the rewards"):
         weighted_sum("jpeg_incompressibility", kwargs={"shapes": {}})
+    renamed = weighted_sum("jpeg=jpeg_incompressibility", kwargs={"jpeg": {"quality": 10}})
+    assert renamed.names == ["jpeg"]
+    torch.testing.assert_close(renamed(images(), ["p"] * 3), jpeg_sizes_kb(images(), quality=10))
 
 
 def bad_shape(images, prompts, metadata):

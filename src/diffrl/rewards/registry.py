@@ -13,6 +13,7 @@ import importlib
 import importlib.util
 import inspect
 import math
+import re
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -103,28 +104,70 @@ def build_reward(spec: str | Reward, **kwargs: object) -> Reward:
     )
 
 
-def parse_reward_spec(text: str) -> dict[str, float]:
-    """``"pickscore=1.0,jpeg_compressibility=0.1"`` -> ``{"pickscore": 1.0, "jpeg_compressibility": 0.1}``.
+NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
 
-    A name without ``=weight`` has weight 1.
-    """
-    weights: dict[str, float] = {}
+
+def short_name(spec: str) -> str:
+    """The stable name a reward part is logged under (``reward/<name>/mean``): a registry name as it is, a
+    ``module:function`` or ``file.py:function`` target's function, ``remote`` for a reward server's URL."""
+    if spec in REGISTRY:
+        return spec
+    if spec.startswith(("http://", "https://")):
+        return "remote"
+    return spec.rpartition(":")[2] or spec
+
+
+def name_and_spec(item: str) -> tuple[str, str]:
+    """``"NAME=SPEC"`` -> ``(NAME, SPEC)``; a bare spec is named by :func:`short_name`."""
+    name, sep, spec = item.partition("=")
+    if not sep:
+        return short_name(item), item
+    if not NAME.fullmatch(name) or not spec:
+        raise ValueError(
+            f"reward {item!r}: write NAME=SPEC with a name of letters, digits, '_', '.' or '-' (e.g. "
+            "brightness=rewards/mine.py:brightness), or SPEC=WEIGHT with a number."
+        )
+    return name, spec
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def reward_parts(text: str) -> list[tuple[str, str, float]]:
+    """The ``(name, spec, weight)`` of every part of a reward spec:
+    ``"pickscore=1.0,bright=rewards/mine.py:brightness=0.5"`` -> ``[("pickscore", "pickscore", 1.0), ("bright",
+    "rewards/mine.py:brightness", 0.5)]``. A part is ``[NAME=]SPEC[=WEIGHT]``: without a name it is named by
+    :func:`short_name`, without a weight it weighs 1."""
+    parts, names = [], set()
     for item in (part.strip() for part in text.split(",")):
         if not item:
             raise ValueError(f"empty reward name in {text!r}; separate rewards with single commas.")
-        name, sep, weight_text = item.rpartition("=")
-        if not sep:
-            name, weight_text = item, "1"
-        try:
-            weight = float(weight_text)
-        except ValueError:
-            raise ValueError(f"reward weight {weight_text!r} in {item!r} is not a number.") from None
-        if not math.isfinite(weight):
-            raise ValueError(f"reward weight in {item!r} must be finite.")
-        if name in weights:
-            raise ValueError(f"reward {name!r} appears twice in {text!r}.")
-        weights[name] = weight
-    return weights
+        head, sep, weight_text = item.rpartition("=")
+        weight = _number(weight_text) if sep else None
+        if weight is None:  # no "=", or NAME=SPEC without a weight
+            weight = 1.0
+        else:
+            item = head
+            if not math.isfinite(weight):
+                raise ValueError(f"reward weight in {item!r} must be finite.")
+        name, spec = name_and_spec(item)
+        if name in names:
+            raise ValueError(
+                f"two rewards in {text!r} are both named {name!r}; name them apart: NAME=SPEC (e.g. a={spec})."
+            )
+        names.add(name)
+        parts.append((name, spec, weight))
+    return parts
+
+
+def parse_reward_spec(text: str) -> dict[str, float]:
+    """``"pickscore=1.0,jpeg_compressibility=0.1"`` -> ``{"pickscore": 1.0, "jpeg_compressibility": 0.1}``: each
+    part's spec and weight (see :func:`reward_parts` for the names)."""
+    return {spec: weight for _, spec, weight in reward_parts(text)}
 
 
 def code_rewards(spec: str) -> list[str]:
@@ -147,20 +190,29 @@ def weighted_sum(
     Args:
         rewards: a spec string (``"shapes"``, ``"pickscore=1.0,jpeg_compressibility=0.1"``), a callable, or a dict
             of names / callables to weights.
-        kwargs: per-name keyword arguments for registry rewards, e.g. ``{"pickscore": {"model_dir": "/models/ps"}}``.
+        kwargs: per-part keyword arguments for registry rewards, keyed by the part's name (or spec), e.g.
+            ``{"pickscore": {"model_dir": "/models/ps"}}``.
         on_invalid: ``"raise"`` or ``"drop"`` (see :class:`WeightedSum`).
     """
     kwargs = dict(kwargs or {})
     if isinstance(rewards, str):
-        rewards = parse_reward_spec(rewards)
-    elif callable(rewards):
-        rewards = {rewards: 1.0}
+        named = reward_parts(rewards)
+    else:
+        items = {rewards: 1.0} if callable(rewards) else rewards
+        named = [
+            (*name_and_spec(spec), weight) if isinstance(spec, str)
+            else (getattr(spec, "__name__", type(spec).__name__), spec, weight)
+            for spec, weight in items.items()
+        ]  # fmt: skip
     parts: dict[str, tuple[Reward, float]] = {}
-    for spec, weight in rewards.items():
-        name = spec if isinstance(spec, str) else getattr(spec, "__name__", type(spec).__name__)
+    for name, spec, weight in named:
         if name in parts:
-            raise ValueError(f"two rewards are both named {name!r}; give them distinct names.")
-        parts[name] = (build_reward(spec, **kwargs.pop(name, {})) if isinstance(spec, str) else spec, float(weight))
+            raise ValueError(f"two rewards are both named {name!r}; name them apart: NAME=SPEC.")
+        own = kwargs.pop(name, None)
+        if own is None and isinstance(spec, str):
+            own = kwargs.pop(spec, {})  # kwargs may name a part by its spec too
+        reward = build_reward(spec, **(own or {})) if isinstance(spec, str) else spec
+        parts[name] = (reward, float(weight))
     if kwargs:
         raise ValueError(f"reward kwargs given for {sorted(kwargs)}, which are not among the rewards {list(parts)}.")
     return WeightedSum(parts, on_invalid=on_invalid)
