@@ -142,8 +142,9 @@ class ReportingPhase:
             with open(self.output_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(metrics, sort_keys=True) + "\n")
             shown = {k: v for k, v in metrics.items() if k.startswith(("reward/", "eval/")) and "stderr" not in k}
-            if "train/loss" in metrics:
-                shown = {"train/loss": metrics["train/loss"], **shown}
+            # an on-policy GRPO loss is ~0 whatever the update does: the gradient norm and the advantages say more
+            diagnostics = ("train/grad_norm", "train/advantage_abs_mean", "train/clip_fraction")
+            shown = {**{k: metrics[k] for k in diagnostics if k in metrics}, **shown}
             values = " ".join(f"{k} {v:.4g}" for k, v in shown.items())
             print(f"{self.progress_line(completed)}: {values}", flush=True)
         if self.config.logging.tracker != "none":
