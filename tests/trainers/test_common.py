@@ -146,3 +146,39 @@ def test_learning_rate_warms_up_then_decays_to_zero_at_the_last_epoch():
     cosine = lr_factor(apply_overrides(config, ["--train.lr_schedule", "cosine"]))  # 4 updates x 5 epochs
     assert cosine(0) == 0.5 and cosine(2) == 1.0
     assert cosine(11) == pytest.approx(0.5) and cosine(20) == pytest.approx(0.0)
+
+
+def test_optimality_probability_maps_clipped_advantages_onto_zero_one():
+    from diffrl.trainers.common import optimality_probability
+
+    r = optimality_probability(torch.tensor([-9.0, -5.0, -2.5, 0.0, 2.5, 5.0, 9.0]), max_abs=5.0)
+    torch.testing.assert_close(r, torch.tensor([0.0, 0.0, 0.25, 0.5, 0.75, 1.0, 1.0]))
+    with pytest.raises(ValueError, match="must be > 0"):
+        optimality_probability(torch.zeros(1), max_abs=0.0)
+
+
+def test_nft_loss_on_hand_made_inputs():
+    from diffrl.trainers.common import nft_loss
+
+    x0 = torch.tensor([[1.0, -1.0], [0.0, 2.0]])
+    noise = torch.tensor([[0.5, 0.5], [-1.0, 1.0]])
+    t = torch.tensor([0.5, 0.25])
+    x_t = (1 - t[:, None]) * x0 + t[:, None] * noise
+    target = noise - x0  # the velocity that recovers x0 exactly
+    old = target + torch.tensor([[0.4, -0.4], [0.2, 0.6]])  # the sampling policy is off by these
+    velocity = (target + torch.tensor([[0.2, 0.0], [0.0, -0.2]])).requires_grad_(True)
+    beta = 0.5
+    out = nft_loss(velocity, old, x_t, x0, t, torch.tensor([1.0, 0.25]), beta)
+    # by hand: v+ = beta v + (1 - beta) v_old is off by d+ = beta dv + (1 - beta) d_old; the x0 error is -t d+,
+    # and a squared error over its own mean absolute error is mean(e^2) / mean(|e|)
+    d_v, d_old = velocity.detach() - target, old - target
+    for d, got in ((beta * d_v + (1 - beta) * d_old, out.positive), ((1 + beta) * d_old - beta * d_v, out.negative)):
+        e = -t[:, None] * d
+        torch.testing.assert_close(got, (e**2).mean(1) / e.abs().mean(1))
+    torch.testing.assert_close(out.loss, (torch.tensor([1.0, 0.25]) * out.positive + torch.tensor([0.0, 0.75])
+                                          * out.negative) / beta)  # fmt: skip
+    # a sample with r = 1 moves v towards x0's velocity; gradients never reach the old policy
+    out.loss[0].backward()
+    assert velocity.grad[0, 0] > 0 and velocity.grad[1].abs().sum() == 0 and not old.requires_grad
+    with pytest.raises(ValueError, match="beta must be > 0"):
+        nft_loss(velocity, old, x_t, x0, t, torch.ones(2), 0.0)

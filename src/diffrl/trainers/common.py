@@ -161,3 +161,71 @@ def subsample_timesteps(
 def derived_seed(*parts: int) -> int:
     """A 63-bit seed from integers, the same on every platform and process."""
     return random.Random(":".join(str(p) for p in parts)).getrandbits(63)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DiffusionNFT (Zheng et al., 2025): negative-aware fine-tuning on the forward process
+
+
+def optimality_probability(advantages: torch.Tensor, max_abs: float) -> torch.Tensor:
+    """DiffusionNFT's ``r`` in [0, 1]: an advantage clipped to ``[-max_abs, max_abs]`` and mapped linearly, so that
+    the group's mean is 1/2, ``+max_abs`` is 1 (only the positive policy is fitted) and ``-max_abs`` is 0."""
+    if not max_abs > 0:
+        raise ValueError(f"the advantage clip must be > 0; got {max_abs}.")
+    return (advantages.clamp(-max_abs, max_abs) / max_abs / 2 + 0.5).clamp(0.0, 1.0)
+
+
+@dataclass
+class NFTLoss:
+    """The per-sample negative-aware loss and what it is made of.
+
+    Attributes:
+        loss: ``[B]``, ``(r L+ + (1 - r) L-) / beta``.
+        positive: ``[B]`` L+, the adaptively weighted x0 error of the implicit positive policy.
+        negative: ``[B]`` L-, the same for the implicit negative policy.
+    """
+
+    loss: torch.Tensor
+    positive: torch.Tensor
+    negative: torch.Tensor
+
+
+def nft_loss(
+    velocity: torch.Tensor,
+    old_velocity: torch.Tensor,
+    x_t: torch.Tensor,
+    x0: torch.Tensor,
+    t: torch.Tensor,
+    r: torch.Tensor,
+    beta: float,
+) -> NFTLoss:
+    """DiffusionNFT's loss at one noised clean sample ``x_t = (1 - t) x0 + t noise`` of a flow model.
+
+    The trained velocity ``v`` and the sampling policy's ``v_old`` (no gradient) define an implicit positive
+    policy ``v+ = beta v + (1 - beta) v_old`` and a negative one ``v- = (1 + beta) v_old - beta v``; each predicts the
+    clean sample ``x_t - t v+-``. A sample with optimality ``r`` pulls the positive policy towards its ``x0`` with
+    weight ``r`` and the negative one with ``1 - r``, so that training moves ``v`` from the bad samples towards the
+    good ones. Each squared error is divided by its own (detached) mean absolute error, the paper's adaptive
+    weighting, which keeps every timestep's loss on one scale.
+
+    Args:
+        velocity, old_velocity, x_t, x0: ``[B, ...]``.
+        t: ``[B]`` sigmas in (0, 1].
+        r: ``[B]`` optimality probabilities (:func:`optimality_probability`).
+        beta: the step size of the implicit policies, > 0.
+    """
+    if not beta > 0:
+        raise ValueError(f"DiffusionNFT's beta must be > 0; got {beta}.")
+    dims = tuple(range(1, x0.ndim))
+    t = t.view(-1, *([1] * (x0.ndim - 1)))
+    old = old_velocity.detach()
+
+    def weighted_error(v: torch.Tensor) -> torch.Tensor:
+        x0_prediction = x_t - t * v
+        with torch.no_grad():
+            weight = (x0_prediction.double() - x0.double()).abs().mean(dim=dims, keepdim=True).clamp(min=1e-5)
+        return ((x0_prediction - x0) ** 2 / weight.to(x0_prediction.dtype)).mean(dim=dims)
+
+    positive = weighted_error(beta * velocity + (1 - beta) * old)
+    negative = weighted_error((1 + beta) * old - beta * velocity)
+    return NFTLoss(loss=(r * positive + (1 - r) * negative) / beta, positive=positive, negative=negative)
