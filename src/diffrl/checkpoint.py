@@ -27,6 +27,7 @@ from diffrl.config import Config, ConfigError
 
 CHECKPOINT_PREFIX = "epoch-"
 MANIFEST = "manifest.json"
+TENSORS = "trainer_tensors.safetensors"
 # files every checkpoint has (the adapter folder holds one weights file, whose name depends on LoRA or full tuning)
 REQUIRED_FILES = ("optimizer.safetensors", "optimizer.json", "trainer_state.json", "config.json")
 # Keys that may differ between a run and its resumption: where and how it logs, how long it runs, evaluation, and
@@ -114,8 +115,10 @@ def save_checkpoint(
     config: Config,
     state: dict,
     keep_last: int,
+    tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write the checkpoint of ``epoch`` completed epochs; keep the last ``keep_last`` checkpoints."""
+    """Write the checkpoint of ``epoch`` completed epochs; keep the last ``keep_last`` checkpoints. ``tensors``
+    (a trainer's own state, e.g. DiffusionNFT's sampling policy) go to ``trainer_tensors.safetensors``."""
     root = Path(output_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{CHECKPOINT_PREFIX}{epoch:06d}"
@@ -129,6 +132,8 @@ def save_checkpoint(
         policy.save_adapter(tmp / "adapter")
         _save_optimizer(tmp, optimizer, lr_scheduler)
         (tmp / "trainer_state.json").write_text(json.dumps({"epoch": epoch, **state}, sort_keys=True))
+        if tensors:
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp / TENSORS)
         config.save(tmp / "config.json")
         files = {
             str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": _sha256(p)}
@@ -249,6 +254,12 @@ def saved_config(directory: Path) -> dict:
     """The config a run or checkpoint folder saved, as a dict, with the keys added to diffrl since it was written
     at their defaults, so that comparing it with a current config names only real differences."""
     return Config.load(Path(directory) / "config.json").to_dict()
+
+
+def load_trainer_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    """The trainer tensors a (verified) checkpoint holds; empty when it holds none."""
+    path = Path(directory) / TENSORS
+    return load_file(path) if path.is_file() else {}
 
 
 def load_checkpoint(directory: Path, *, policy, optimizer, lr_scheduler, config: Config) -> dict:

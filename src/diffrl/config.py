@@ -35,6 +35,7 @@ def _require(condition: bool, message: str) -> None:
 
 
 FAMILIES = ("sd", "sdxl", "sd3", "flux")
+ALGORITHM_NAMES = {"ddpo_sf": "DDPO-SF", "ddpo_is": "DDPO-IS", "grpo": "GRPO", "nft": "DiffusionNFT"}
 VP_FAMILIES = ("sd", "sdxl")  # the others are rectified-flow models
 
 
@@ -229,8 +230,10 @@ class PromptConfig:
 
 @dataclass
 class TrainConfig:
-    algorithm: Literal["ddpo_sf", "ddpo_is", "grpo"] = _help(
-        "'ddpo_sf' (score function), 'ddpo_is' (importance sampling, PPO clip) or 'grpo'", default="grpo"
+    algorithm: Literal["ddpo_sf", "ddpo_is", "grpo", "nft"] = _help(
+        "'ddpo_sf' (score function), 'ddpo_is' (importance sampling, PPO clip), 'grpo', or 'nft' (DiffusionNFT: "
+        "the forward process, any sampler, flow models)",
+        default="grpo",
     )
     epochs: int = _help("epochs; each samples a fresh batch of trajectories and trains on it", default=10)
     lr: float = _help("AdamW learning rate", default=3e-4)
@@ -261,6 +264,18 @@ class TrainConfig:
         default="group",
     )
     kl_coef: float = _help("weight of the KL to the reference (LoRA disabled) policy", default=0.0)
+    nft_beta: float = _help(
+        "DiffusionNFT: how far the implicit positive and negative policies step from the sampling policy", default=1.0
+    )
+    nft_decay_rate: float = _help(
+        "DiffusionNFT: the sampling policy follows the trained one as an EMA whose decay grows by this per "
+        "optimizer step (0: the sampling policy is the trained one at each epoch's start)",
+        default=0.001,
+    )
+    nft_decay_max: float = _help("DiffusionNFT: the largest decay of the sampling policy's EMA", default=0.5)
+    nft_guidance_free: bool = _help(
+        "DiffusionNFT: train the conditional velocity alone (guidance-free) instead of the guided one", default=False
+    )
     stat_buffer_size: int = _help("DDPO: rewards kept per prompt for normalisation, across epochs", default=32)
     stat_min_count: int = _help("DDPO: below this many rewards a prompt uses the batch statistics", default=16)
     mixed_precision: Literal["no", "bf16", "fp16"] = _help("accelerate mixed precision", default="no")
@@ -278,8 +293,16 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _require(
-            self.algorithm in ("ddpo_sf", "ddpo_is", "grpo"),
-            f"train.algorithm must be ddpo_sf, ddpo_is or grpo; got {self.algorithm!r}.",
+            self.algorithm in ("ddpo_sf", "ddpo_is", "grpo", "nft"),
+            f"train.algorithm must be ddpo_sf, ddpo_is, grpo or nft; got {self.algorithm!r}.",
+        )
+        _require(
+            math.isfinite(self.nft_beta) and self.nft_beta > 0, f"train.nft_beta must be > 0; got {self.nft_beta}."
+        )
+        _require(
+            0 <= self.nft_decay_max < 1 and self.nft_decay_rate >= 0,
+            f"train.nft_decay_max must be in [0, 1) and train.nft_decay_rate >= 0; got {self.nft_decay_max} and "
+            f"{self.nft_decay_rate}.",
         )
         for name in ("epochs", "batch_size", "gradient_accumulation_steps", "num_inner_epochs", "group_size"):
             _require(getattr(self, name) >= 1, f"train.{name} must be >= 1; got {getattr(self, name)}.")
@@ -394,11 +417,17 @@ class Config:
             section = getattr(self, f.name)
             section.__post_init__()
         sample, train = self.sample, self.train
-        if train.algorithm == "grpo":
+        if train.algorithm == "nft":
+            _require(
+                self.model.family not in VP_FAMILIES,
+                "train.algorithm='nft' (DiffusionNFT) trains flow models as its paper does (model.family flux or "
+                f"sd3); {self.model.family!r} predicts noise, not a velocity: use grpo or ddpo_is for it.",
+            )
+        if train.algorithm in ("grpo", "nft"):
             _require(
                 train.group_size >= 2,
-                f"train.group_size must be >= 2 for GRPO: advantages are rewards relative to their group, so a group "
-                f"of {train.group_size} image has none to learn from; got {train.group_size}.",
+                f"train.group_size must be >= 2 for {ALGORITHM_NAMES[train.algorithm]}: advantages are rewards relative to their "
+                f"group, so a group of {train.group_size} image has none to learn from; got {train.group_size}.",
             )
             _require(
                 sample.batch_size % train.group_size == 0,
@@ -433,6 +462,8 @@ class Config:
                 train.num_inner_epochs == 1,
                 "train.algorithm='ddpo_sf' is on-policy: set train.num_inner_epochs=1, or use 'ddpo_is'.",
             )
+        if train.algorithm == "nft":
+            return  # DiffusionNFT trains on the clean samples of any sampler: every eta, the ODE included
         if sample.eta == 0:
             raise ConfigError(
                 "sample.eta=0 samples deterministically (the ODE), so trajectories have no log-probability to train "

@@ -213,7 +213,7 @@ def run_samplers(config: Config, completed_epochs: int = 0, sde_etas: Sequence[f
     """What a run evaluates: the ODE, its training sampler after ``completed_epochs`` epochs, and every-step SDE at
     each of ``sde_etas`` (default ``eval.sde_etas``) except where that is the training sampler itself."""
     train = training_sampler(config, completed_epochs)
-    samplers = [ODE, train]
+    samplers = [ODE] if train.eta == 0 else [ODE, train]  # a run that sampled with the ODE has no gap
     for eta in config.eval.sde_etas if sde_etas is None else sde_etas:
         extra = Sampler.every_step(float(eta))
         same_as_train = train.sde_window is None and extra.eta == train.eta

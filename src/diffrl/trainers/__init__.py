@@ -1,4 +1,4 @@
-"""Policy-gradient trainers: DDPO (``ddpo_sf``, ``ddpo_is``) and GRPO."""
+"""Trainers: DDPO (``ddpo_sf``, ``ddpo_is``) and GRPO (policy gradient), DiffusionNFT (``nft``)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from diffrl.config import Config
 from diffrl.rewards import Reward
 from diffrl.trainers.ddpo import DDPOTrainer
 from diffrl.trainers.grpo import GRPOTrainer
+from diffrl.trainers.nft import NFTTrainer
 
 
 def make_trainer(config: Config, reward: Reward | dict | str | None = None, resume: str | None = None):
@@ -13,6 +14,8 @@ def make_trainer(config: Config, reward: Reward | dict | str | None = None, resu
     ``config.reward``."""
     if config.train.algorithm == "grpo":
         return GRPOTrainer(config, reward=reward, resume=resume)
+    if config.train.algorithm == "nft":
+        return NFTTrainer(config, reward=reward, resume=resume)
     return DDPOTrainer(config, reward=reward, resume=resume)
 
 
@@ -20,4 +23,4 @@ def train(config: Config, reward: Reward | dict | str | None = None, resume: str
     make_trainer(config, reward=reward, resume=resume).train()
 
 
-__all__ = ["DDPOTrainer", "GRPOTrainer", "make_trainer", "train"]
+__all__ = ["DDPOTrainer", "GRPOTrainer", "NFTTrainer", "make_trainer", "train"]

@@ -17,6 +17,7 @@ from diffrl.checkpoint import (
     config_differences,
     find_checkpoint,
     load_checkpoint,
+    load_trainer_tensors,
     save_checkpoint,
     saved_config,
 )
@@ -75,11 +76,19 @@ class CheckpointPhase:
                 config=self.config,
                 state={"global_step": self.global_step, "num_processes": self.world, **self.extra_state},
                 keep_last=self.config.logging.keep_last,
+                tensors=self.checkpoint_tensors(),
             )
             if self.config_changed:  # a resume with changed settings: the run's config is its checkpoints' now
                 self.config.save(self.output_dir / "config.json")
                 self.config_changed = False
         self.accelerator.wait_for_everyone()
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        """A trainer's own tensors to checkpoint beside the adapter and optimizer (none here)."""
+        return {}
+
+    def restore_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`checkpoint_tensors` saved (called on resume)."""
 
     def check_weights(self, completed: int) -> None:
         """Refuse to checkpoint weights that hold NaN or inf: finite gradients can still make them (an optimizer
@@ -118,6 +127,7 @@ class CheckpointPhase:
                 "logging.output_dir."
             )
         self.extra_state = state
+        self.restore_tensors(load_trainer_tensors(directory))
         self._report_resume(directory)
         if self.is_main:
             metrics = self.output_dir / "metrics.jsonl"
