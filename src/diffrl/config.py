@@ -426,8 +426,9 @@ class Config:
         if train.algorithm in ("grpo", "nft"):
             _require(
                 train.group_size >= 2,
-                f"train.group_size must be >= 2 for {ALGORITHM_NAMES[train.algorithm]}: advantages are rewards relative to their "
-                f"group, so a group of {train.group_size} image has none to learn from; got {train.group_size}.",
+                f"train.group_size must be >= 2 for {ALGORITHM_NAMES[train.algorithm]}: advantages are rewards "
+                f"relative to their group, so a group of {train.group_size} image has none to learn from; got "
+                f"{train.group_size}.",
             )
             _require(
                 sample.batch_size % train.group_size == 0,
