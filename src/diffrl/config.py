@@ -35,7 +35,7 @@ def _require(condition: bool, message: str) -> None:
 
 
 FAMILIES = ("sd", "sdxl", "sd3", "flux")
-ALGORITHM_NAMES = {"ddpo_sf": "DDPO-SF", "ddpo_is": "DDPO-IS", "grpo": "GRPO", "nft": "DiffusionNFT"}
+ALGORITHM_NAMES = {"ddpo_sf": "DDPO-SF", "ddpo_is": "DDPO-IS", "grpo": "GRPO", "nft": "DiffusionNFT", "draft": "DRaFT"}
 VP_FAMILIES = ("sd", "sdxl")  # the others are rectified-flow models
 
 
@@ -230,9 +230,10 @@ class PromptConfig:
 
 @dataclass
 class TrainConfig:
-    algorithm: Literal["ddpo_sf", "ddpo_is", "grpo", "nft"] = _help(
-        "'ddpo_sf' (score function), 'ddpo_is' (importance sampling, PPO clip), 'grpo', or 'nft' (DiffusionNFT: "
-        "the forward process, any sampler, flow models)",
+    algorithm: Literal["ddpo_sf", "ddpo_is", "grpo", "nft", "draft"] = _help(
+        "'ddpo_sf' (score function), 'ddpo_is' (importance sampling, PPO clip), 'grpo', 'nft' (DiffusionNFT: "
+        "the forward process, any sampler, flow models) or 'draft' (DRaFT-K: a differentiable reward's gradient "
+        "through the last sampling steps)",
         default="grpo",
     )
     epochs: int = _help("epochs; each samples a fresh batch of trajectories and trains on it", default=10)
@@ -273,6 +274,12 @@ class TrainConfig:
         default=0.001,
     )
     nft_decay_max: float = _help("DiffusionNFT: the largest decay of the sampling policy's EMA", default=0.5)
+    draft_k: int = _help(
+        "DRaFT: the last sampling steps the reward's gradient flows through (1: ReFL-like)", default=1
+    )
+    draft_random_k: bool = _help(
+        "DRaFT: draw K uniformly from 1..draft_k for each batch (AlignProp's randomised truncation)", default=False
+    )
     nft_guidance_free: bool = _help(
         "DiffusionNFT: train the conditional velocity alone (guidance-free) instead of the guided one", default=False
     )
@@ -293,9 +300,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _require(
-            self.algorithm in ("ddpo_sf", "ddpo_is", "grpo", "nft"),
-            f"train.algorithm must be ddpo_sf, ddpo_is, grpo or nft; got {self.algorithm!r}.",
+            self.algorithm in ("ddpo_sf", "ddpo_is", "grpo", "nft", "draft"),
+            f"train.algorithm must be ddpo_sf, ddpo_is, grpo, nft or draft; got {self.algorithm!r}.",
         )
+        _require(self.draft_k >= 1, f"train.draft_k must be >= 1; got {self.draft_k}.")
         _require(
             math.isfinite(self.nft_beta) and self.nft_beta > 0, f"train.nft_beta must be > 0; got {self.nft_beta}."
         )
@@ -463,8 +471,13 @@ class Config:
                 train.num_inner_epochs == 1,
                 "train.algorithm='ddpo_sf' is on-policy: set train.num_inner_epochs=1, or use 'ddpo_is'.",
             )
-        if train.algorithm == "nft":
-            return  # DiffusionNFT trains on the clean samples of any sampler: every eta, the ODE included
+        if train.algorithm == "draft":
+            _require(
+                train.draft_k <= sample.num_steps,
+                f"train.draft_k ({train.draft_k}) must be <= sample.num_steps ({sample.num_steps}).",
+            )
+        if train.algorithm in ("nft", "draft"):
+            return  # trained on the samples of any sampler: every eta, the ODE included
         if sample.eta == 0:
             raise ConfigError(
                 "sample.eta=0 samples deterministically (the ODE), so trajectories have no log-probability to train "

@@ -170,9 +170,9 @@ class FluxPolicy(FlowSteps, LoraModel):
             return_dict=False,
         )[0]
 
-    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Packed latents -> images ``[B, 3, H, W]`` float32 in [0, 1]."""
+        """Packed latents -> images ``[B, 3, H, W]`` float32 in [0, 1], differentiable (samplers call it under
+        no_grad)."""
         unpacked = FluxPipeline._unpack_latents(latents, self.resolution, self.resolution, self.vae_scale_factor)
         scaled = unpacked / self.vae.config.scaling_factor + self.vae.config.shift_factor
         return (self.vae.decode(scaled.to(self.vae.dtype)).sample.float() / 2 + 0.5).clamp(0, 1)

@@ -169,8 +169,8 @@ class SDPolicy(LoraModel):
         schedule = self.schedule(num_steps)
         return schedule.model_timesteps[torch.as_tensor(step_index, device=schedule.model_timesteps.device)]
 
-    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents ``[B, C, h, w]`` -> images ``[B, 3, H, W]`` float32 in [0, 1]."""
+        """Latents ``[B, C, h, w]`` -> images ``[B, 3, H, W]`` float32 in [0, 1], differentiable (samplers call it
+        under no_grad)."""
         scaled = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
         return (self.vae.decode(scaled).sample.float() / 2 + 0.5).clamp(0, 1)

@@ -147,8 +147,8 @@ class SD3Policy(FlowSteps, LoraModel):
             return_dict=False,
         )[0]
 
-    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents ``[B, 16, h, w]`` -> images ``[B, 3, H, W]`` float32 in [0, 1]."""
+        """Latents ``[B, 16, h, w]`` -> images ``[B, 3, H, W]`` float32 in [0, 1], differentiable (samplers call
+        it under no_grad)."""
         scaled = latents / self.vae.config.scaling_factor + self.vae.config.shift_factor
         return (self.vae.decode(scaled.to(self.vae.dtype)).sample.float() / 2 + 0.5).clamp(0, 1)

@@ -125,5 +125,35 @@ class WeightedSum:
         self.num_dropped += int((~valid).sum())
         return RewardOutput(total=total, parts=parts, valid=valid)
 
+    def differentiable(
+        self, images: torch.Tensor, prompts: list[str], metadata: list[dict] | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``(total [B], parts)`` with gradients to ``images`` (direct reward fine-tuning): each part is checked as
+        :meth:`score` checks it, must be finite, and must depend on the images differentiably."""
+        batch_size = images.shape[0]
+        metadata = metadata if metadata is not None else [{} for _ in range(batch_size)]
+        total, parts = 0.0, {}
+        for name, (fn, weight) in self.rewards.items():
+            try:
+                raw = fn(images, prompts, metadata)
+            except KeyboardInterrupt:
+                raise
+            except BaseException as error:
+                raise RewardError(f"reward {name!r} raised {type(error).__name__}: {error}") from error
+            check_scores(name, raw, batch_size)
+            if images.requires_grad and not raw.requires_grad:
+                raise RewardError(
+                    f"reward {name!r} is not differentiable (its score carries no gradient to the image); direct "
+                    "reward fine-tuning back-propagates through it: use a differentiable reward (aesthetic, "
+                    "pickscore, clipscore, hpsv2, imagereward or your own torch function) or a policy-gradient "
+                    "algorithm (grpo, ddpo_is)."
+                )
+            scores = raw.float()
+            if not bool(torch.isfinite(scores.detach()).all()):
+                raise RewardError(f"reward {name!r} returned non-finite scores; fix the reward.")
+            parts[name] = scores
+            total = total + weight * scores
+        return total, parts
+
     def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict] | None = None) -> torch.Tensor:
         return self.score(images, prompts, metadata).total

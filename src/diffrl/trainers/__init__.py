@@ -1,10 +1,12 @@
-"""Trainers: DDPO (``ddpo_sf``, ``ddpo_is``) and GRPO (policy gradient), DiffusionNFT (``nft``)."""
+"""Trainers: DDPO (``ddpo_sf``, ``ddpo_is``) and GRPO (policy gradient), DiffusionNFT (``nft``), DRaFT-K
+(``draft``)."""
 
 from __future__ import annotations
 
 from diffrl.config import Config
 from diffrl.rewards import Reward
 from diffrl.trainers.ddpo import DDPOTrainer
+from diffrl.trainers.draft import DRaFTTrainer
 from diffrl.trainers.grpo import GRPOTrainer
 from diffrl.trainers.nft import NFTTrainer
 
@@ -16,6 +18,8 @@ def make_trainer(config: Config, reward: Reward | dict | str | None = None, resu
         return GRPOTrainer(config, reward=reward, resume=resume)
     if config.train.algorithm == "nft":
         return NFTTrainer(config, reward=reward, resume=resume)
+    if config.train.algorithm == "draft":
+        return DRaFTTrainer(config, reward=reward, resume=resume)
     return DDPOTrainer(config, reward=reward, resume=resume)
 
 
@@ -23,4 +27,4 @@ def train(config: Config, reward: Reward | dict | str | None = None, resume: str
     make_trainer(config, reward=reward, resume=resume).train()
 
 
-__all__ = ["DDPOTrainer", "GRPOTrainer", "NFTTrainer", "make_trainer", "train"]
+__all__ = ["DDPOTrainer", "DRaFTTrainer", "GRPOTrainer", "NFTTrainer", "make_trainer", "train"]

@@ -1,0 +1,79 @@
+"""DRaFT-K on a tiny random SD: a differentiable reward's gradient reaches the LoRA through the last K steps only."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny_run import small_config
+
+from diffrl.config import ConfigError, apply_overrides
+from diffrl.trainers import DRaFTTrainer, make_trainer
+
+HELPER = Path(__file__).resolve().parents[1] / "helpers" / "tiny_run.py"
+DRAFT = ["--train.algorithm", "draft", "--sample.eta", "0", "--train.draft_k", "2", "--train.lr", "1e-2"]
+
+
+def brightness(images, prompts, metadata):
+    return images.mean(dim=(1, 2, 3))
+
+
+def test_a_reward_without_gradients_is_refused_at_start_up(random_sd_dir, tmp_path):
+    config = apply_overrides(small_config(str(random_sd_dir), str(tmp_path)), [*DRAFT, "--reward.spec", "shapes"])
+    with pytest.raises(ConfigError, match="reward 'shapes' is not differentiable"):
+        make_trainer(config)
+
+
+def test_gradients_reach_the_lora_through_the_last_k_steps_and_no_further(random_sd_dir, tmp_path):
+    overrides = [*DRAFT, "--train.epochs", "1", "--train.kl_coef", "1"]
+    config = apply_overrides(small_config(str(random_sd_dir), str(tmp_path / "run")), overrides)
+    trainer = make_trainer(config, reward=brightness)
+    assert isinstance(trainer, DRaFTTrainer)
+    predict, calls = trainer.policy.predict, []
+
+    def recording(latents, *args, **kwargs):
+        calls.append(torch.is_grad_enabled())
+        return predict(latents, *args, **kwargs)
+
+    trainer.policy.predict = recording
+    images, trained = trainer.images_with_gradients(["a red circle"] * 2, [0, 1], k=2)
+    assert calls == [False, False, True, True] and [i for *_, i in trained] == [2, 3]  # 4 steps, the last 2 trained
+    calls.clear()
+    images.mean().backward()  # the backward pass recomputes the 2 checkpointed steps, and nothing before them
+    assert calls == [True, True]
+    grads = [p.grad for p in trainer.params]
+    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.policy.predict = predict
+
+    before = {name: p.detach().clone() for name, p in trainer.policy.unet.named_parameters()}
+    trainer.train()
+    changed = {name for name, p in trainer.policy.unet.named_parameters() if not torch.equal(p, before[name])}
+    assert changed and all("lora" in name for name in changed)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    last = rows[-1]
+    assert last["train/optimizer_steps"] == 1 and last["train/kl"] >= 0 and "reward/brightness/mean" in last
+    trainer.finish()
+
+
+def _run(args: list[str]) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, str(HELPER), *args], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_a_resumed_draft_run_is_identical_to_an_uninterrupted_one(random_sd_dir, tmp_path):
+    extra = [*DRAFT, "--train.epochs", "3", "--train.draft_random_k", "true", "--sample.eta", "1.0",
+             "--reward.spec", "rewards_helpers:brightness"]  # fmt: skip
+    full, interrupted = tmp_path / "full", tmp_path / "interrupted"
+    _run([str(random_sd_dir), str(full), *extra])
+    _run([str(random_sd_dir), str(interrupted), *extra, "--stop-after", "1"])
+    _run([str(random_sd_dir), str(interrupted), *extra, "--resume", "latest"])
+    name = "adapter/pytorch_lora_weights.safetensors"
+    a, b = (load_file(run / "checkpoints" / "epoch-000003" / name) for run in (full, interrupted))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
