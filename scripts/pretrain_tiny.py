@@ -251,7 +251,7 @@ def train_unet(work: Path, latents: torch.Tensor, captions: list[str], args: arg
     return unet, text_encoder, tokenizer
 
 
-def add_joint_training_args(parser: argparse.ArgumentParser, networks: str) -> None:
+def add_joint_training_args(parser: argparse.ArgumentParser, networks: str, batch: int = 128) -> None:
     """The options both pretraining scripts share; :func:`train_jointly` reads --lr, --ema-decay and
     --checkpoint-every."""
     parser.add_argument("--seed", type=int, default=0)
@@ -259,7 +259,7 @@ def add_joint_training_args(parser: argparse.ArgumentParser, networks: str) -> N
     parser.add_argument("--attribute-noise", type=float, default=Looseness.attribute_noise)
     parser.add_argument("--partial", type=float, default=Looseness.partial)
     parser.add_argument("--drop-color", type=float, default=Looseness.drop_color)
-    parser.add_argument("--batch", type=int, default=128, help="scenes per step")
+    parser.add_argument("--batch", type=int, default=batch, help="scenes per step")
     parser.add_argument("--lr", type=float, default=5e-4, help=f"peak learning rate of {networks}")
     parser.add_argument("--ema-decay", type=float, default=0.999)
     parser.add_argument("--empty-caption-prob", type=float, default=0.1)
@@ -275,7 +275,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("src/diffrl/tiny/sd"), help="where the model is saved")
     parser.add_argument("--work", type=Path, default=Path("runs/pretrain_tiny"), help="data and checkpoints")
-    add_joint_training_args(parser, "the UNet and text encoder")
+    add_joint_training_args(parser, "the UNet and text encoder", batch=64)
     parser.add_argument("--vae-steps", type=int, default=1500)
     parser.add_argument("--vae-batch", type=int, default=32)
     parser.add_argument("--vae-lr", type=float, default=1e-3)
