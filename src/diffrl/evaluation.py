@@ -139,6 +139,11 @@ class EvalResult:
         return metrics
 
 
+def primary_reward(names: list[str]) -> str:
+    """The reward a table or grid reports: the only part, or ``total`` of a mix."""
+    return names[0] if len(names) == 1 else "total"
+
+
 def paired_difference(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     """``(mean, standard error)`` of ``a - b`` for scores of the same samples (same prompts, same noise).
 

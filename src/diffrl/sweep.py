@@ -56,11 +56,6 @@ def _check_settings(out: Path, settings: dict) -> None:
     _write_json(path, settings)
 
 
-def primary_reward(names: list[str]) -> str:
-    """The reward a sweep table reports: the only part, or ``total`` of a mix."""
-    return names[0] if len(names) == 1 else "total"
-
-
 @torch.no_grad()
 def evaluate_run(config: Config, directory: Path, eval_steps: list[int]) -> dict:
     """The ODE against the run's training sampler (its eta and final SDE window; ``sde``) on the held-out prompts
@@ -68,7 +63,7 @@ def evaluate_run(config: Config, directory: Path, eval_steps: list[int]) -> dict
     (``sde_all_steps``); plus the base-policy gap from the run's first evaluation when it logged one."""
     from diffrl import policies
     from diffrl.checkpoint import find_checkpoint
-    from diffrl.evaluation import TRAIN_LABEL, Sampler, evaluate_with_config
+    from diffrl.evaluation import TRAIN_LABEL, Sampler, evaluate_with_config, primary_reward
     from diffrl.loading import load_eval_prompts
     from diffrl.rewards import weighted_sum
 

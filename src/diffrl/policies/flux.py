@@ -139,24 +139,14 @@ class FluxPolicy(FlowSteps, LoraModel):
         batch, dtype = latents.shape[0], self.dtype
         t = torch.as_tensor(timesteps, device=self.device).expand(batch).to(dtype) / 1000
         text_ids = torch.zeros(embeds.shape[1], 3, device=self.device, dtype=dtype)
-        if self.guidance_embeds or guidance_scale == 1.0:
-            guidance = (
-                torch.full((batch,), guidance_scale, device=self.device, dtype=torch.float32)
-                if self.guidance_embeds
-                else None
-            )
+        if self.guidance_embeds:
+            guidance = torch.full((batch,), guidance_scale, device=self.device, dtype=torch.float32)
             return self._forward(latents.to(dtype), t, guidance, embeds, pooled, text_ids).float()
-        negative, negative_pooled = self.negative_embeds
-        out = self._forward(
-            torch.cat([latents, latents]).to(dtype),
-            torch.cat([t, t]),
-            None,
-            torch.cat([negative.expand(batch, -1, -1), embeds]),
-            torch.cat([negative_pooled.expand(batch, -1), pooled]),
-            text_ids,
-        )
-        uncond, cond = out.float().chunk(2)
-        return uncond + guidance_scale * (cond - uncond)
+
+        def without_guidance_embedding(x, timestep, hidden, pooled_embeds):
+            return self._forward(x, timestep, None, hidden, pooled_embeds, text_ids)
+
+        return self.guided(without_guidance_embedding, latents, t, prompt_embeds, guidance_scale)
 
     def _forward(self, latents, t, guidance, embeds, pooled, text_ids) -> torch.Tensor:
         return self.denoiser(

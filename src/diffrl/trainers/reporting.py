@@ -12,7 +12,7 @@ import time
 import torch
 from PIL import Image
 
-from diffrl.evaluation import EvalResult, evaluate_with_config
+from diffrl.evaluation import EvalResult, evaluate_with_config, primary_reward
 from diffrl.grids import labelled_grid
 from diffrl.rewards.combine import to_uint8
 
@@ -90,7 +90,7 @@ class ReportingPhase:
         image with its prompt, sampler and reward as captions."""
         n = min(self.config.eval.grid_prompts, len(self.eval_prompts))
         prompts = self.eval_prompts[:n]
-        name = self.reward.names[0] if len(self.reward.names) == 1 else "total"
+        name = primary_reward(self.reward.names)
         titles = {s.label: s.describe(result.num_steps) for s in result.samplers}
         scored = [result.scores.get(name, {}).get(s.label) for s in result.samplers]
         rows = [(titles[s.label], images[s.label][:n]) for s in result.samplers]
