@@ -280,6 +280,11 @@ class TrainConfig:
     draft_random_k: bool = _help(
         "DRaFT: draw K uniformly from 1..draft_k for each batch (AlignProp's randomised truncation)", default=False
     )
+    draft_lv_samples: int = _help(
+        "DRaFT-LV: noise the finished sample this many times to the last step's timestep and average the reward's "
+        "gradient through that one step over the copies (needs draft_k 1; 0: plain DRaFT-K)",
+        default=0,
+    )
     nft_guidance_free: bool = _help(
         "DiffusionNFT: train the conditional velocity alone (guidance-free) instead of the guided one", default=False
     )
@@ -304,6 +309,12 @@ class TrainConfig:
             f"train.algorithm must be ddpo_sf, ddpo_is, grpo, nft or draft; got {self.algorithm!r}.",
         )
         _require(self.draft_k >= 1, f"train.draft_k must be >= 1; got {self.draft_k}.")
+        _require(self.draft_lv_samples >= 0, f"train.draft_lv_samples must be >= 0; got {self.draft_lv_samples}.")
+        _require(
+            self.draft_lv_samples == 0 or (self.draft_k == 1 and not self.draft_random_k),
+            "train.draft_lv_samples (DRaFT-LV) trains through the last step only: set train.draft_k 1 and "
+            "train.draft_random_k false, or draft_lv_samples 0.",
+        )
         _require(
             math.isfinite(self.nft_beta) and self.nft_beta > 0, f"train.nft_beta must be > 0; got {self.nft_beta}."
         )

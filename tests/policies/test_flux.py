@@ -156,3 +156,12 @@ def test_grpo_trains_flux_with_a_window_through_the_same_trainer(random_flux_dir
     assert any(k.startswith("transformer.") and "lora_B" in k and v.abs().max() > 0 for k, v in weights.items())
     pipeline = FluxPipeline.from_pretrained(random_flux_dir)
     pipeline.load_lora_weights(adapter)  # the trained FLUX adapter loads in plain diffusers
+
+
+def test_noised_is_the_schedulers_forward_process_at_the_steps_sigma(random_flux_dir):
+    policy = load(random_flux_dir)
+    x0, noise = torch.randn(2, 16, 8), torch.randn(2, 16, 8)
+    schedule = policy.schedule(6)
+    for index in (0, 5):
+        expected = policy.scheduler.scale_noise(x0, schedule.timesteps[index : index + 1].cpu(), noise)
+        torch.testing.assert_close(policy.noised(x0, 6, index, noise), expected, rtol=1e-5, atol=1e-6)

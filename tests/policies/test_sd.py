@@ -173,3 +173,12 @@ def test_channels_last_is_the_same_policy_in_another_memory_layout(random_sd_dir
     ours, theirs = (rollout(p, prompts, seeds, eta=1.0, num_steps=6, guidance_scale=3.0) for p in (nhwc, policy))
     torch.testing.assert_close(ours.images, theirs.images, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ours.log_probs, theirs.log_probs, atol=1e-5, rtol=1e-5)
+
+
+def test_noised_is_the_schedulers_forward_process_at_the_steps_timestep(policy):
+    x0, noise = torch.randn(2, *policy.latent_shape), torch.randn(2, *policy.latent_shape)
+    scheduler = DDIMScheduler.from_config(policy.scheduler.config)
+    scheduler.set_timesteps(10)
+    for index in (0, 9):
+        expected = scheduler.add_noise(x0, noise, scheduler.timesteps[index : index + 1])
+        torch.testing.assert_close(policy.noised(x0, 10, index, noise), expected, rtol=1e-5, atol=1e-6)

@@ -60,6 +60,44 @@ def test_gradients_reach_the_lora_through_the_last_k_steps_and_no_further(random
     trainer.finish()
 
 
+def test_draft_lv_averages_the_last_step_over_noised_copies_of_the_finished_sample(random_sd_dir, tmp_path):
+    overrides = [*DRAFT, "--train.draft_k", "1", "--train.draft_lv_samples", "3", "--train.epochs", "1"]
+    config = apply_overrides(small_config(str(random_sd_dir), str(tmp_path / "run")), overrides)
+    trainer = make_trainer(config, reward=brightness)
+    predict, calls = trainer.policy.predict, []
+
+    def recording(latents, *args, **kwargs):
+        calls.append((torch.is_grad_enabled(), len(latents)))
+        return predict(latents, *args, **kwargs)
+
+    trainer.policy.predict = recording
+    images, trained = trainer.images_with_gradients(["a red circle", "a blue square"], [0, 1], k=1)
+    # the whole chain without gradients, then the last step again from each of the 3 noised copies
+    assert [grad for grad, _ in calls] == [False] * 4 + [True] * 3 and [i for *_, i in trained] == [3, 3, 3]
+    assert images.shape[0] == 6 and images.requires_grad
+    starts = [latents for _, latents, _, _ in trained]
+    assert not torch.equal(starts[0], starts[1])  # each copy has its own noise
+    calls.clear()
+    images.mean().backward()
+    assert [grad for grad, _ in calls] == [True] * 3  # recomputed: the one step per copy, nothing earlier
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.params)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.policy.predict = predict
+    again, _ = trainer.images_with_gradients(["a red circle", "a blue square"], [0, 1], k=1)
+    assert torch.equal(images.detach(), again.detach())  # the copies' noise derives from the samples' seeds
+    trainer.train()
+    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["train/optimizer_steps"] == 1 and "reward/brightness/mean" in last
+    trainer.finish()
+
+
+@pytest.mark.parametrize("extra", [["--train.draft_k", "2"], ["--train.draft_random_k", "true"]])
+def test_draft_lv_needs_the_last_step_alone(random_sd_dir, tmp_path, extra):
+    config = small_config(str(random_sd_dir), str(tmp_path))
+    with pytest.raises(ConfigError, match="draft_lv_samples"):
+        apply_overrides(config, [*DRAFT, *extra, "--train.draft_lv_samples", "2"])
+
+
 def _run(args: list[str]) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     result = subprocess.run([sys.executable, str(HELPER), *args], env=env, capture_output=True, text=True, timeout=600)

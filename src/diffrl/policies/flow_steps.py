@@ -61,6 +61,11 @@ class FlowSteps:
             log_prob_reduction=log_prob_reduction,
         )
 
+    def noised(self, x0: torch.Tensor, num_steps: int, step_index: int, noise: torch.Tensor) -> torch.Tensor:
+        """The forward process's sample at step ``step_index``'s sigma ``t``: ``(1 - t) x0 + t noise``."""
+        t = self.schedule(num_steps).sigmas[step_index].item()
+        return (1 - t) * x0 + t * noise
+
     def timestep_input(self, num_steps: int, step_index: int | torch.Tensor) -> torch.Tensor:
         """The scheduler's timestep (1000 sigma) for ``step_index`` (scalar or ``[B]``)."""
         return self.schedule(num_steps).timesteps[torch.as_tensor(step_index, device=self.device)]

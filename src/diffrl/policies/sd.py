@@ -164,6 +164,11 @@ class SDPolicy(LoraModel):
             log_prob_reduction=log_prob_reduction,
         )
 
+    def noised(self, x0: torch.Tensor, num_steps: int, step_index: int, noise: torch.Tensor) -> torch.Tensor:
+        """The forward process's sample at step ``step_index``'s timestep: ``sqrt(a_t) x0 + sqrt(1 - a_t) noise``."""
+        alpha = self.alphas_cumprod[self.schedule(num_steps).timesteps[step_index]].item()
+        return alpha**0.5 * x0 + (1 - alpha) ** 0.5 * noise
+
     def timestep_input(self, num_steps: int, step_index: int | torch.Tensor) -> torch.Tensor:
         """The model's timestep input for ``step_index`` (scalar or ``[B]``)."""
         schedule = self.schedule(num_steps)

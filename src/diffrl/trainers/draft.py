@@ -8,9 +8,10 @@ reward's gradient flows through the VAE decode, the K steps and the LoRA. The lo
 (plus ``train.kl_coef`` times the squared distance of the trained steps' model outputs to the reference's).
 ``train.draft_random_k`` draws K uniformly from 1..draft_k for each batch, as AlignProp's randomised truncation.
 Each sampling batch (``sample.batch_size``) is one backward pass; ``train.gradient_accumulation_steps`` counts
-sampling batches per optimizer step (``train.batch_size`` is not used). DRaFT-LV's variance reduction is not
-implemented. A reward without gradients (the shapes verifier, JPEG size) is
-refused at start-up.
+sampling batches per optimizer step (``train.batch_size`` is not used). ``train.draft_lv_samples`` n > 0 is
+DRaFT-LV (K = 1): the finished sample is noised n times to the last step's timestep and the reward's gradient is
+averaged over the n one-step denoisings, a lower-variance estimate for the price of n - 1 more steps and decodes.
+A reward without gradients (the shapes verifier, JPEG size) is refused at start-up.
 """
 
 from __future__ import annotations
@@ -59,35 +60,55 @@ class DRaFTTrainer(Trainer):
 
     def images_with_gradients(self, prompts: list[str], seeds: list[int], k: int) -> tuple[torch.Tensor, list]:
         """Sample ``prompts``; the last ``k`` steps and the decode keep gradients. Returns the images and, per
-        trained step, ``(model output, latents, timestep)`` for the KL term."""
+        trained step, ``(model output, latents, timestep, step index)`` for the KL term.
+
+        With ``train.draft_lv_samples`` n > 0 (DRaFT-LV) every step runs without gradients, the finished sample is
+        noised n times to the last step's timestep and that step is taken again with gradients from each copy: the
+        images are the n copies' ``[n * B, 3, H, W]`` (copy-major), each sample's copies drawn from its own
+        generator."""
         cfg = self.config.sample
         policy, steps = self.policy, cfg.num_steps
+        copies = self.config.train.draft_lv_samples
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
         embeds = policy.encode_prompts(prompts)
         x = policy.initial_latents(generators)
         trained = []
+        first_trained = steps if copies else steps - k
         for i in range(steps):
             t = policy.timestep_input(steps, i)
-            if i < steps - k:
+            if i < first_trained:
                 with torch.no_grad():
                     out = policy.predict(x, t, embeds, cfg.guidance_scale)
                     x = policy.step(out, steps, i, x, eta=cfg.eta, noise_schedule=cfg.noise_schedule,
                                     generator=generators).prev_sample  # fmt: skip
                 continue
-            noise = None
-            if cfg.eta > 0:  # the step's noise is drawn outside the recomputed function, so both passes see it
-                noise = torch.randn(x.shape, generator=generators[0]).to(x.device)
+            x = self._step_with_gradients(x, i, t, embeds, generators, trained)
+        if not copies:
+            return policy.decode(x), trained
+        last, t = steps - 1, policy.timestep_input(steps, steps - 1)
+        finished, outs = x, []
+        for _ in range(copies):
+            noise = torch.stack([torch.randn(finished.shape[1:], generator=g) for g in generators]).to(x.device)
+            noised = policy.noised(finished, steps, last, noise)
+            outs.append(self._step_with_gradients(noised, last, t, embeds, generators, trained))
+        return policy.decode(torch.cat(outs)), trained
 
-            def one_step(latents, i=i, t=t, noise=noise):
-                out = policy.predict(latents, t, embeds, cfg.guidance_scale)
-                step = policy.step(out, steps, i, latents, eta=cfg.eta, noise_schedule=cfg.noise_schedule)
-                prev = step.prev_sample if noise is None else (step.mean + step.std * noise).to(latents.dtype)
-                return prev, out
+    def _step_with_gradients(self, x, i: int, t, embeds, generators, trained: list) -> torch.Tensor:
+        """Step ``i`` from ``x`` with gradients, recomputed in the backward pass; appends to ``trained``."""
+        cfg, policy = self.config.sample, self.policy
+        noise = None
+        if cfg.eta > 0:  # the step's noise is drawn outside the recomputed function, so both passes see it
+            noise = torch.randn(x.shape, generator=generators[0]).to(x.device)
 
-            x_in = x
-            x, out = checkpoint(one_step, x_in, use_reentrant=False)
-            trained.append((out, x_in, t, i))
-        return policy.decode(x), trained
+        def one_step(latents):
+            out = policy.predict(latents, t, embeds, cfg.guidance_scale)
+            step = policy.step(out, cfg.num_steps, i, latents, eta=cfg.eta, noise_schedule=cfg.noise_schedule)
+            prev = step.prev_sample if noise is None else (step.mean + step.std * noise).to(latents.dtype)
+            return prev, out
+
+        prev, out = checkpoint(one_step, x, use_reentrant=False)
+        trained.append((out, x, t, i))
+        return prev
 
     def train(self) -> None:
         cfg = self.config
@@ -113,8 +134,9 @@ class DRaFTTrainer(Trainer):
             prompts, seeds = self.batch_prompts(epoch, batch)
             k = self.truncation(epoch, batch)
             images, trained = self.images_with_gradients(prompts, seeds, k)
-            metadata = [{"epoch": epoch} for _ in prompts]
-            total, parts = self.reward.differentiable(images, prompts, metadata)
+            scored = prompts * (len(images) // len(prompts))  # DRaFT-LV: the batch once per noised copy
+            metadata = [{"epoch": epoch} for _ in scored]
+            total, parts = self.reward.differentiable(images, scored, metadata)
             loss = -total.mean()
             if cfg.train.kl_coef > 0:
                 kl = self.reference_distance(trained, prompts)
