@@ -11,7 +11,10 @@ empty prompt), and scores them with the ``shapes`` verifier:
 - **mean**: the mean reward of all samples (the base model's ODE reward);
 - **best-of-N**: per prompt the best of its N samples, averaged over prompts (what re-weighting the model's own
   samples can reach);
-- **ceiling**: ground-truth scenes of the same prompts, rendered by the world, encoded and decoded by the model's VAE.
+- **ceiling**: ground-truth scenes of the same prompts, rendered by the world, encoded and decoded by the model's VAE;
+- **constraints missed**: per kind of constraint (an object of a named colour present, its count, its shape, the
+  relation, nothing of another colour), the share of the samples' constraints of that kind that fail: what the
+  model gets wrong, and so what a trainer has to change.
 
 It also saves a grid: rows of conditional samples and a row of unconditional ones (the empty prompt), to look at.
 """
@@ -28,7 +31,7 @@ import torch
 from diffusers import FluxPipeline, StableDiffusionPipeline
 from PIL import Image
 
-from diffrl.rewards.shapes import shapes
+from diffrl.rewards.shapes import shapes, verify
 from diffrl.tiny import tiny_model_path
 from diffrl.tiny.world import load_prompts, parse, render
 
@@ -70,6 +73,27 @@ def row(name: str, prompts: list[str], values: list[float]) -> str:
     return f"| {name} | {np.mean(values):.3f} ± {np.std(values) / np.sqrt(len(values)):.3f} | {cells} |"
 
 
+def constraint_kind(name: str) -> str:
+    """The kind of a :class:`~diffrl.rewards.shapes.Verdict` constraint, from its name."""
+    if name.endswith(" present"):
+        return "present"
+    if name[0].isdigit():
+        return "count"
+    if " is " in name:
+        return "shape"
+    return "nothing else" if name == "nothing else" else "relation"
+
+
+def missed_by_kind(images: torch.Tensor, prompts: list[str]) -> dict[str, float]:
+    missed, total = defaultdict(int), defaultdict(int)
+    array = images.clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    for image, prompt in zip(array, prompts, strict=True):
+        for name, ok in verify(image, parse(prompt)).constraints:
+            total[constraint_kind(name)] += 1
+            missed[constraint_kind(name)] += not ok
+    return {kind: missed[kind] / total[kind] for kind in total}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", choices=("sd", "flux"), default="sd")
@@ -92,7 +116,8 @@ def main() -> None:
     n = args.best_of
     repeated = [p for p in prompts for _ in range(n)]
     started = time.perf_counter()
-    rewards = shapes(sample(pipeline, repeated, list(range(len(repeated))), args.steps, args.guidance), repeated)
+    images = sample(pipeline, repeated, list(range(len(repeated))), args.steps, args.guidance)
+    rewards = shapes(images, repeated)
     seconds = time.perf_counter() - started
     per_prompt = rewards.view(len(prompts), n)
     ceiling = shapes(through_vae(pipeline, prompts), prompts)
@@ -106,6 +131,8 @@ def main() -> None:
     print(row(f"best of {n}", prompts, per_prompt.max(dim=1).values.tolist()))
     print(row("ground truth through the VAE", prompts, ceiling.tolist()))
     print(f"share of samples with every constraint met: {(rewards == 1).float().mean():.3f}")
+    missed = missed_by_kind(images, repeated)
+    print("constraints missed, by kind: " + ", ".join(f"{kind} {share:.2f}" for kind, share in missed.items()))
 
     grid_prompts = [
         "a red circle", "a blue square", "a yellow triangle", "two green circles",

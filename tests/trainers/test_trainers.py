@@ -15,7 +15,7 @@ from tiny_run import small_config
 
 from diffrl.config import ConfigError, apply_overrides
 from diffrl.trainers import GRPOTrainer, make_trainer, train
-from diffrl.trainers.base import derived_seed
+from diffrl.trainers.base import check_launch, derived_seed
 from diffrl.trainers.common import EPS, group_advantages, subsample_timesteps
 
 HELPER = Path(__file__).resolve().parents[1] / "helpers" / "tiny_run.py"
@@ -351,6 +351,24 @@ def test_a_launch_that_asked_for_two_processes_and_started_one_stops(random_sd_d
     assert result.returncode != 0
     assert "accelerate launch --multi_gpu --num_processes N" in result.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()  # stopped before training anything
+
+
+def test_an_fsdp_launch_is_refused_before_training(random_sd_dir, tmp_path):
+    launcher = [
+        sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--num_processes", "1", "--num_machines",
+        "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    command = [*launcher, str(HELPER), str(random_sd_dir), str(tmp_path / "run"), "--train.epochs", "1"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "asks for FSDP, which diffrl does not support yet" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_deepspeed_launch_is_refused(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(ConfigError, match="DeepSpeed, which diffrl does not support yet"):
+        check_launch()
 
 
 def test_evaluation_compares_the_ode_with_the_sampler_that_trained(random_sd_dir, tmp_path):

@@ -68,11 +68,24 @@ def lr_factor(config: Config):
     return factor
 
 
+SHARDED_LAUNCHES = {"FSDP": "ACCELERATE_USE_FSDP", "DeepSpeed": "ACCELERATE_USE_DEEPSPEED"}  # set by accelerate launch
+
+
 def check_launch() -> None:
     """Refuse a launch that asked for several processes and got one. ``accelerate launch --num_processes N`` without
     ``--multi_gpu`` (``--cpu`` included) starts ONE process on a machine without GPUs and exits 0, so N processes'
     worth of training silently becomes one; its launcher sets ``MASTER_ADDR`` only when asked for more than one
-    process, and never ``WORLD_SIZE``, which every multi-process launcher sets."""
+    process, and never ``WORLD_SIZE``, which every multi-process launcher sets. A sharded launch (FSDP, DeepSpeed) is
+    refused too: on a machine without GPUs accelerate would silently run it unsharded, and with GPUs the adapter and
+    checkpoint code would see each process's shard."""
+    sharded = [name for name, flag in SHARDED_LAUNCHES.items() if os.environ.get(flag, "").lower() in ("true", "1")]
+    if sharded:
+        raise ConfigError(
+            f"this launch asks for {sharded[0]}, which diffrl does not support yet: its adapters, optimizer state "
+            "and checkpoints are written from each process's full copy of the LoRA, which sharding would split. "
+            "Launch data-parallel processes instead (accelerate launch --multi_gpu --num_processes N RECIPE): "
+            "every process keeps the frozen model and the LoRA whole (README: Scale-out)."
+        )
     launched_by_accelerate = "ACCELERATE_MIXED_PRECISION" in os.environ
     if launched_by_accelerate and "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ:
         raise ConfigError(
