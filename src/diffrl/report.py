@@ -166,7 +166,9 @@ def plot_run(metrics: list[dict], out: Path, title: str) -> list[tuple[str, str]
         fig.tight_layout()
         fig.savefig(out / "reward_parts.png", dpi=120)
         plt.close(fig)
-        figures.append(("reward_parts.png", "Every part of the reward mix: training samples and held-out ODE."))
+        figures.append(("reward_parts.png", "Every part of the reward mix: training samples and held-out ODE (a part "
+                        "of weight 0 is watched, not trained on: a verifier beside its learned proxy shows where the "
+                        "proxy rises and the verifier does not)."))  # fmt: skip
     x, y = _series(metrics, f"eval/{name}/gap")
     if x:
         _, se = _series(metrics, f"eval/{name}/gap_stderr")

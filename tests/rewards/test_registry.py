@@ -150,3 +150,18 @@ def test_non_finite_samples_can_be_dropped_and_counted():
     assert combined.num_dropped == 2
     with pytest.raises(RewardError, match="returned shape"):  # a wrong shape is never dropped silently
         weighted_sum({bad_shape: 1.0}, on_invalid="drop").score(images(), ["p"] * 3)
+
+
+def test_a_part_of_weight_zero_is_watched_not_differentiated():
+    def brightness(images, prompts, metadata):
+        return images.mean(dim=(1, 2, 3))
+
+    reward = weighted_sum({brightness: 1.0, "shapes": 0.0})
+    images = torch.full((2, 3, 64, 64), 0.5, requires_grad=True)
+    total, parts = reward.differentiable(images, ["a red circle"] * 2)
+    assert set(parts) == {"brightness", "shapes"} and not parts["shapes"].requires_grad
+    torch.testing.assert_close(total, parts["brightness"])  # the watched part adds nothing
+    total.sum().backward()
+    assert images.grad is not None
+    with pytest.raises(RewardError, match="'shapes' is not differentiable"):
+        weighted_sum({brightness: 1.0, "shapes": 0.5}).differentiable(images, ["a red circle"] * 2)

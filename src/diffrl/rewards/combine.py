@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -129,18 +131,25 @@ class WeightedSum:
         self, images: torch.Tensor, prompts: list[str], metadata: list[dict] | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``(total [B], parts)`` with gradients to ``images`` (direct reward fine-tuning): each part is checked as
-        :meth:`score` checks it, must be finite, and must depend on the images differentiably."""
+        :meth:`score` checks it, must be finite, and must depend on the images differentiably, except a part of
+        weight 0, which is only watched (scored without gradients and logged, e.g. a verifier beside its learned
+        proxy: ``shapes_learned,shapes=0``)."""
         batch_size = images.shape[0]
         metadata = metadata if metadata is not None else [{} for _ in range(batch_size)]
         total, parts = 0.0, {}
         for name, (fn, weight) in self.rewards.items():
+            watched = weight == 0
             try:
-                raw = fn(images, prompts, metadata)
+                with torch.no_grad() if watched else contextlib.nullcontext():
+                    raw = fn(images.detach() if watched else images, prompts, metadata)
             except KeyboardInterrupt:
                 raise
             except BaseException as error:
                 raise RewardError(f"reward {name!r} raised {type(error).__name__}: {error}") from error
             check_scores(name, raw, batch_size)
+            if watched:
+                parts[name] = raw.float()
+                continue
             if images.requires_grad and not raw.requires_grad:
                 raise RewardError(
                     f"reward {name!r} is not differentiable (its score carries no gradient to the image); direct "
