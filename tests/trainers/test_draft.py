@@ -115,3 +115,15 @@ def test_a_resumed_draft_run_is_identical_to_an_uninterrupted_one(random_sd_dir,
     name = "adapter/pytorch_lora_weights.safetensors"
     a, b = (load_file(run / "checkpoints" / "epoch-000003" / name) for run in (full, interrupted))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_draft_trains_on_the_learned_proxy_and_watches_the_verifier(random_sd_dir, tmp_path):
+    overrides = [*DRAFT, "--train.epochs", "1", "--reward.spec", "shapes_learned,shapes=0"]
+    config = apply_overrides(small_config(str(random_sd_dir), str(tmp_path / "run")), overrides)
+    trainer = make_trainer(config)
+    trainer.train()
+    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["train/optimizer_steps"] == 1 and last["train/grad_norm"] > 0
+    assert 0 <= last["reward/shapes/mean"] <= 1  # watched: logged, not trained on
+    assert last["reward/mean"] == pytest.approx(last["reward/shapes_learned/mean"])
+    trainer.finish()

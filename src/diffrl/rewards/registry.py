@@ -23,6 +23,7 @@ from diffrl.rewards.combine import Reward, WeightedSum
 REGISTRY: dict[str, str] = {
     "shapes": "diffrl.rewards.shapes:make_shapes",
     "shapes_strict": "diffrl.rewards.shapes:make_shapes_strict",
+    "shapes_learned": "diffrl.rewards.shapes_learned:make_shapes_learned",
     "jpeg_compressibility": "diffrl.rewards.jpeg:jpeg_compressibility",
     "jpeg_incompressibility": "diffrl.rewards.jpeg:jpeg_incompressibility",
     "aesthetic": "diffrl.rewards.clip:aesthetic",
