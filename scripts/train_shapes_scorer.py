@@ -74,8 +74,7 @@ def model_samples(
 
 def predict(model: ShapesScorer, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     with torch.no_grad():
-        return torch.cat([torch.sigmoid(model(images[i : i + 256], tokenize(prompts[i : i + 256])))
-                          for i in range(0, len(images), 256)])  # fmt: skip
+        return torch.cat([model.score(images[i : i + 256], prompts[i : i + 256]) for i in range(0, len(images), 256)])
 
 
 def fit(model: ShapesScorer, images: torch.Tensor, prompts: list[str], truth: torch.Tensor) -> dict[str, float]:

@@ -165,3 +165,9 @@ def test_a_part_of_weight_zero_is_watched_not_differentiated():
     assert images.grad is not None
     with pytest.raises(RewardError, match="'shapes' is not differentiable"):
         weighted_sum({brightness: 1.0, "shapes": 0.5}).differentiable(images, ["a red circle"] * 2)
+
+    def broken(images, prompts, metadata):
+        return torch.full((len(prompts),), math.nan)
+
+    with pytest.raises(RewardError, match="'broken' returned non-finite"):  # watched parts are checked all the same
+        weighted_sum({brightness: 1.0, broken: 0.0}).differentiable(images, ["a red circle"] * 2)

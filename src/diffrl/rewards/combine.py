@@ -140,16 +140,13 @@ class WeightedSum:
             watched = weight == 0
             try:
                 with torch.no_grad() if watched else contextlib.nullcontext():
-                    raw = fn(images.detach() if watched else images, prompts, metadata)
+                    raw = fn(images, prompts, metadata)
             except KeyboardInterrupt:
                 raise
             except BaseException as error:
                 raise RewardError(f"reward {name!r} raised {type(error).__name__}: {error}") from error
             check_scores(name, raw, batch_size)
-            if watched:
-                parts[name] = raw.float()
-                continue
-            if images.requires_grad and not raw.requires_grad:
+            if not watched and images.requires_grad and not raw.requires_grad:
                 raise RewardError(
                     f"reward {name!r} is not differentiable (its score carries no gradient to the image); direct "
                     "reward fine-tuning back-propagates through it: use a differentiable reward (aesthetic, "

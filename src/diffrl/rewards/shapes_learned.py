@@ -76,6 +76,10 @@ class ShapesScorer(nn.Module):
         x = F.silu(self.head_conv(x)).flatten(1)
         return self.head(torch.cat([x, pooled, text], dim=1)).squeeze(1)
 
+    def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """Scores in [0, 1] ``[B]`` of 64x64 ``images`` in [0, 1] against ``prompts``."""
+        return torch.sigmoid(self(images, tokenize(prompts)))
+
 
 def load_scorer(directory: str | Path = SHIPPED) -> ShapesScorer:
     directory = Path(directory)
@@ -103,7 +107,7 @@ class LearnedShapesReward:
         x = images.float().clamp(0, 1)
         if x.shape[-1] != IMAGE_SIZE or x.shape[-2] != IMAGE_SIZE:
             x = F.interpolate(x, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", antialias=True, align_corners=False)
-        return torch.sigmoid(model(x, tokenize(prompts)))
+        return model.score(x, prompts)
 
 
 def make_shapes_learned(directory: str | None = None) -> LearnedShapesReward:

@@ -41,7 +41,7 @@ class DRaFTTrainer(Trainer):
             total, _ = self.reward.differentiable(probe, [self.train_prompts[0]], [{}])
         except RewardError as error:
             raise ConfigError(f"train.algorithm='draft': {error}") from None
-        if not isinstance(total, torch.Tensor) or not total.requires_grad:
+        if not total.requires_grad:
             raise ConfigError("train.algorithm='draft' needs a reward with gradients to the image.")
 
     def batch_prompts(self, epoch: int, batch: int) -> tuple[list[str], list[int]]:
