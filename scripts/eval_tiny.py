@@ -73,24 +73,14 @@ def row(name: str, prompts: list[str], values: list[float]) -> str:
     return f"| {name} | {np.mean(values):.3f} ± {np.std(values) / np.sqrt(len(values)):.3f} | {cells} |"
 
 
-def constraint_kind(name: str) -> str:
-    """The kind of a :class:`~diffrl.rewards.shapes.Verdict` constraint, from its name."""
-    if name.endswith(" present"):
-        return "present"
-    if name[0].isdigit():
-        return "count"
-    if " is " in name:
-        return "shape"
-    return "nothing else" if name == "nothing else" else "relation"
-
-
 def missed_by_kind(images: torch.Tensor, prompts: list[str]) -> dict[str, float]:
     missed, total = defaultdict(int), defaultdict(int)
     array = images.clamp(0, 1).permute(0, 2, 3, 1).numpy()
     for image, prompt in zip(array, prompts, strict=True):
-        for name, ok in verify(image, parse(prompt)).constraints:
-            total[constraint_kind(name)] += 1
-            missed[constraint_kind(name)] += not ok
+        verdict = verify(image, parse(prompt))
+        for kind, (_, ok) in zip(verdict.kinds, verdict.constraints, strict=True):
+            total[kind] += 1
+            missed[kind] += not ok
     return {kind: missed[kind] / total[kind] for kind in total}
 
 

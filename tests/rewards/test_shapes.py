@@ -36,6 +36,14 @@ def test_partial_credit_is_the_fraction_of_constraints():
     assert verify(empty, parse("a red circle")).score == pytest.approx(0.25)  # only "nothing else" holds
 
 
+def test_each_constraint_carries_its_kind():
+    scene = draw_scene([PlacedObject("red", "square", (20.0, 30.0), 16.0)])
+    verdict = verify(scene, parse("a red square right of a blue circle"))
+    assert verdict.kinds == ("present", "count", "shape", "present", "count", "shape", "relation", "nothing else")
+    missed = [kind for kind, (_, ok) in zip(verdict.kinds, verdict.constraints, strict=True) if not ok]
+    assert missed == ["present", "count", "shape", "relation"]
+
+
 def test_reward_callables_score_a_batch():
     prompts = ["a red circle", "three blue squares", "a green triangle above a yellow circle"]
     images = as_batch(*(render(p, seed=i) for i, p in enumerate(prompts)))

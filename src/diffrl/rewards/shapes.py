@@ -39,9 +39,11 @@ class DetectedObject:
 
 @dataclass(frozen=True)
 class Verdict:
-    """Which constraints of a caption an image satisfies."""
+    """Which constraints of a caption an image satisfies: ``(name, satisfied)`` pairs, and each one's kind
+    (``present``, ``count``, ``shape``, ``relation`` or ``nothing else``) in ``kinds``, in the same order."""
 
     constraints: tuple[tuple[str, bool], ...]
+    kinds: tuple[str, ...]
 
     @property
     def score(self) -> float:
@@ -94,14 +96,13 @@ def detect(image: np.ndarray) -> list[DetectedObject]:
 def verify(image: np.ndarray, caption: Caption) -> Verdict:
     """Check one image ``[H, W, 3]`` against a caption."""
     objects = detect(image)
-    constraints: list[tuple[str, bool]] = []
+    constraints: list[tuple[str, str, bool]] = []  # (kind, name, satisfied)
     for group in caption.groups:
         mine = [o for o in objects if o.color == group.color]
-        constraints.append((f"{group.color} present", len(mine) > 0))
-        constraints.append((f"{group.count} {group.color}", len(mine) == group.count))
-        constraints.append(
-            (f"{group.color} is {group.shape}", len(mine) > 0 and all(o.shape == group.shape for o in mine))
-        )
+        constraints.append(("present", f"{group.color} present", len(mine) > 0))
+        constraints.append(("count", f"{group.count} {group.color}", len(mine) == group.count))
+        shaped = len(mine) > 0 and all(o.shape == group.shape for o in mine)
+        constraints.append(("shape", f"{group.color} is {group.shape}", shaped))
     if caption.relation is not None:
         subject = [o for o in objects if o.color == caption.groups[caption.relation.subject].color]
         reference = [o for o in objects if o.color == caption.groups[caption.relation.reference].color]
@@ -112,10 +113,10 @@ def verify(image: np.ndarray, caption: Caption) -> Verdict:
             holds = {"left of": sx < rx, "right of": sx > rx, "above": sy < ry, "below": sy > ry}[
                 caption.relation.relation
             ]
-        constraints.append((caption.relation.relation, bool(holds)))
+        constraints.append(("relation", caption.relation.relation, bool(holds)))
     named = {g.color for g in caption.groups}
-    constraints.append(("nothing else", all(o.color in named for o in objects)))
-    return Verdict(tuple(constraints))
+    constraints.append(("nothing else", "nothing else", all(o.color in named for o in objects)))
+    return Verdict(tuple((name, ok) for _, name, ok in constraints), tuple(kind for kind, _, _ in constraints))
 
 
 def _verdicts(images: torch.Tensor, prompts: list[str]) -> list[Verdict]:
