@@ -7,7 +7,8 @@ Stages, each resumable from its latest checkpoint under ``--work`` (re-run the s
      caption each loosely (``diffrl.tiny.world.loose_caption``: each attribute names another value with
      probability --attribute-noise, some captions name one object of two or leave out the colours), so that the
      model draws every scene well but follows a prompt only partly: the headroom RL is there to take;
-  2. train the 4x VAE (64x64x3 -> 16x16x4) on those scenes; set its latent scaling factor to 1 / std(latents);
+  2. train the 4x VAE (64x64x3 -> 16x16x4) on those scenes (or reuse one: --vae); set its latent scaling factor
+     to 1 / std(latents);
   3. cache the latents of every scene;
   4. train the UNet and the text encoder jointly (epsilon loss, min-SNR weighting, 10% empty captions for
      classifier-free guidance, an EMA of the weights);
@@ -100,6 +101,10 @@ def to_model_space(images_uint8: torch.Tensor) -> torch.Tensor:
 
 def train_vae(work: Path, images: torch.Tensor, args: argparse.Namespace):
     vae = build_vae()
+    if args.vae is not None:
+        if not (args.vae / "config.json").exists():
+            raise SystemExit(f"--vae {args.vae} holds no autoencoder (no config.json); give a model's vae folder.")
+        return type(vae).from_pretrained(args.vae).eval()
     final = work / "vae_final"
     if (final / "config.json").exists():
         return type(vae).from_pretrained(final)
@@ -276,6 +281,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("src/diffrl/tiny/sd"), help="where the model is saved")
     parser.add_argument("--work", type=Path, default=Path("runs/pretrain_tiny"), help="data and checkpoints")
     add_joint_training_args(parser, "the UNet and text encoder", batch=64)
+    parser.add_argument(
+        "--vae",
+        type=Path,
+        default=None,
+        help="an autoencoder folder to reuse instead of training one (e.g. src/diffrl/tiny/sd/vae when only the "
+        "UNet's data changes; its scaling factor is set again from these scenes' latents)",
+    )
     parser.add_argument("--vae-steps", type=int, default=1500)
     parser.add_argument("--vae-batch", type=int, default=32)
     parser.add_argument("--vae-lr", type=float, default=1e-3)

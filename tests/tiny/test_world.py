@@ -149,3 +149,47 @@ def test_perturbed_captions_keep_two_distinct_colours_and_their_kind():
             assert len({g.color for g in changed.groups}) == len(changed.groups)
             assert parse(changed.text) == changed
     assert perturb(parse("a red circle left of a blue square"), 0.0, rng).text == "a red circle left of a blue square"
+
+
+def test_scenes_put_every_object_in_its_slot_apart_and_inside_the_canvas():
+    from diffrl.tiny.world import SLOT_JITTER, _separated, place
+
+    for caption in all_captions():
+        for seed in range(3):
+            objects = place(caption, random.Random(seed))
+            assert len(objects) == sum(g.count for g in caption.groups)
+            assert sorted((o.color, o.shape) for o in objects) == sorted(
+                (g.color, g.shape) for g in caption.groups for _ in range(g.count)
+            )
+            for i, a in enumerate(objects):
+                assert a.size / 2 <= min(a.center) and max(a.center) <= 64 - a.size / 2
+                assert all(_separated(a, b, gap=2.0) for b in objects[i + 1 :])
+            if len(objects) == 1:
+                assert max(abs(c - 32) for c in objects[0].center) <= SLOT_JITTER
+
+
+@pytest.mark.parametrize(
+    ("prompt", "axis", "subject_first"),
+    [
+        ("a red square left of a blue circle", 0, True),
+        ("a red square right of a blue circle", 0, False),
+        ("a red square above a blue circle", 1, True),
+        ("a red square below a blue circle", 1, False),
+    ],
+)
+def test_position_scenes_lay_the_pair_along_the_relation_s_axis(prompt, axis, subject_first):
+    from diffrl.tiny.world import place
+
+    for seed in range(10):
+        subject, reference = sorted(place(parse(prompt), random.Random(seed)), key=lambda o: o.color != "red")
+        assert (subject.center[axis] < reference.center[axis]) == subject_first
+        assert abs(subject.center[axis] - reference.center[axis]) > 20
+        assert abs(subject.center[1 - axis] - reference.center[1 - axis]) <= 6
+
+
+def test_binding_pairs_take_either_order():
+    from diffrl.tiny.world import place
+
+    caption = parse("a red square and a blue circle")
+    first = {place(caption, random.Random(seed))[0].color for seed in range(20)}
+    assert first == {"red", "blue"}

@@ -8,8 +8,8 @@ A caption follows a small grammar with four kinds of prompt::
     position  a red square left of a blue circle       (left of, right of, above, below; two different colours)
 
 Every prompt parses into a :class:`Caption`: one :class:`ObjectGroup` per colour and at most one
-:class:`Relation`. :func:`render` draws a 64x64 scene that satisfies a caption, deterministically from a seed;
-:mod:`diffrl.rewards.shapes` checks any image against a caption.
+:class:`Relation`. :func:`render` draws a 64x64 scene that satisfies a caption, deterministically from a seed, with
+its objects in fixed slots (:func:`place`); :mod:`diffrl.rewards.shapes` checks any image against a caption.
 
 The prompt space is split by a fixed rule (:func:`is_held_out`) into training prompts and held-out prompts, unseen
 combinations of seen colours and shapes, shipped as ``prompts/train.txt`` and ``prompts/heldout.txt``.
@@ -208,39 +208,48 @@ def _separated(a: PlacedObject, b: PlacedObject, gap: float) -> bool:
     return abs(a.center[0] - b.center[0]) >= reach or abs(a.center[1] - b.center[1]) >= reach
 
 
-def _relation_holds(relation: str, subject: PlacedObject, reference: PlacedObject, margin: float) -> bool:
-    dx = reference.center[0] - subject.center[0]
-    dy = reference.center[1] - subject.center[1]
-    return {"left of": dx, "right of": -dx, "above": dy, "below": -dy}[relation] >= margin
+# Slots: where a scene's objects go, by how many there are and how they are arranged. Objects sit near a fixed
+# layout (jittered by up to SLOT_JITTER pixels, sizes drawn from the slot's range), so what a scene shows is decided
+# by which colour and shape fill which slot, not by where an object happens to land. A generative model of these
+# scenes then makes its prompt-relevant choices globally and early, where a policy gradient can re-weight them.
+SLOT_JITTER = 3.0
+_SLOTS: dict[str, tuple[tuple[tuple[float, float], ...], tuple[float, float]]] = {
+    "single": (((32.0, 32.0),), (24.0, 30.0)),
+    "row": (((17.0, 32.0), (47.0, 32.0)), (18.0, 23.0)),
+    "column": (((32.0, 17.0), (32.0, 47.0)), (18.0, 23.0)),
+    "three": (((17.0, 19.0), (47.0, 19.0), (32.0, 47.0)), (16.0, 19.0)),
+    "four": (((17.0, 17.0), (47.0, 17.0), (17.0, 47.0), (47.0, 47.0)), (16.0, 19.0)),
+}
+# the order of a position prompt's subject and reference along its axis
+_RELATION_LAYOUT = {"left of": ("row", 0), "right of": ("row", 1), "above": ("column", 0), "below": ("column", 1)}
 
 
-def place(caption: Caption, rng: random.Random, max_tries: int = 1000) -> list[PlacedObject]:
-    """Random non-overlapping positions and sizes for a caption's objects that satisfy its relation."""
-    specs = [(i, g) for i, g in enumerate(caption.groups) for _ in range(g.count)]
-    n = len(specs)
-    low, high = (13.0, 20.0) if n <= 2 else (10.0, 14.0)
-    for _ in range(max_tries):
-        placed: list[tuple[int, PlacedObject]] = []
-        for group_index, group in specs:
-            size = rng.uniform(low, high)
-            margin = size / 2 + 2
-            obj = PlacedObject(
-                group.color,
-                group.shape,
-                (rng.uniform(margin, IMAGE_SIZE - margin), rng.uniform(margin, IMAGE_SIZE - margin)),
-                size,
-            )
-            if any(not _separated(obj, other, gap=3.0) for _, other in placed):
-                break
-            placed.append((group_index, obj))
-        else:
-            if caption.relation is not None:
-                subject = next(o for i, o in placed if i == caption.relation.subject)
-                reference = next(o for i, o in placed if i == caption.relation.reference)
-                if not _relation_holds(caption.relation.relation, subject, reference, margin=8.0):
-                    continue
-            return [o for _, o in placed]
-    raise RuntimeError(f"could not place the objects of {caption.text!r} in {max_tries} tries")
+def place(caption: Caption, rng: random.Random) -> list[PlacedObject]:
+    """Positions and sizes for a caption's objects: each in a slot of the layout its kind and count call for.
+
+    One object: the centre. Two of a count, or a binding pair: a row, in random order. A position pair: a row for
+    left of / right of, a column for above / below, the subject first or second as the relation says. Three or
+    four of a count: a triangle or a two-by-two grid.
+    """
+    specs = [g for g in caption.groups for _ in range(g.count)]
+    if caption.relation is not None:
+        layout, subject_slot = _RELATION_LAYOUT[caption.relation.relation]
+        subject = caption.groups[caption.relation.subject]
+        reference = caption.groups[caption.relation.reference]
+        specs = [subject, reference] if subject_slot == 0 else [reference, subject]
+    elif len(specs) == 1:
+        layout = "single"
+    elif len(specs) == 2:
+        layout = "row"
+        rng.shuffle(specs)
+    else:
+        layout = "three" if len(specs) == 3 else "four"
+    centers, (low, high) = _SLOTS[layout]
+    objects = []
+    for group, (x, y) in zip(specs, centers, strict=True):
+        jitter_x, jitter_y = rng.uniform(-SLOT_JITTER, SLOT_JITTER), rng.uniform(-SLOT_JITTER, SLOT_JITTER)
+        objects.append(PlacedObject(group.color, group.shape, (x + jitter_x, y + jitter_y), rng.uniform(low, high)))
+    return objects
 
 
 def render(prompt: str | Caption, seed: int) -> np.ndarray:
