@@ -33,24 +33,26 @@ from diffrl.evaluation import ODE, Sampler, evaluate
 from diffrl.rewards import weighted_sum
 from diffrl.rewards.shapes import shapes
 from diffrl.rewards.shapes_learned import SHIPPED, ShapesScorer, tokenize
+from diffrl.tiny.verifier_check import degrade
 from diffrl.tiny.world import load_prompts, parse, perturb, render
 
 
 def scenes(prompts: list[str], count: int, seed: int) -> tuple[torch.Tensor, list[str], torch.Tensor]:
     """``count`` scenes: a prompt's own (a third) or a perturbed caption's, some with noise or blur, scored."""
     rng = random.Random(seed)
+    noise_rng = np.random.default_rng(seed)
     images, paired = [], []
     for i in range(count):
         prompt = rng.choice(prompts)
         caption = parse(prompt)
         drawn = caption if rng.random() < 1 / 3 else perturb(caption, rng.choice((0.25, 0.5, 1.0)), rng)
-        image = torch.from_numpy(render(drawn, seed=seed * 1_000_003 + i).copy()).permute(2, 0, 1).float() / 255
+        image = render(drawn, seed=seed * 1_000_003 + i)
         roll = rng.random()
         if roll < 0.2:
-            image = (image + torch.randn(image.shape, generator=torch.Generator().manual_seed(i)) * 0.05).clamp(0, 1)
+            image = degrade(image, blur_radius=0.0, noise_std=12.75, rng=noise_rng)  # 0.05 of the range
         elif roll < 0.3:
-            image = F.interpolate(F.avg_pool2d(image[None], 2), scale_factor=2, mode="bilinear")[0]
-        images.append(image)
+            image = degrade(image, blur_radius=1.0, noise_std=0.0, rng=noise_rng)
+        images.append(torch.from_numpy(image.copy()).permute(2, 0, 1).float() / 255)
         paired.append(prompt)
     images = torch.stack(images)
     return images, paired, shapes(images, paired)
