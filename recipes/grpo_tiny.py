@@ -26,24 +26,23 @@ def config() -> Config:
     return Config(
         model=ModelConfig(family="sd", path="tiny"),
         lora=LoraConfig(rank=8, alpha=8.0),
-        # only the first of the 20 steps is stochastic and trained. That one step re-draws the layout (which
-        # shapes, how many, where): its noise explains ~80% of a prompt's reward variance (scripts/reward_variance.py),
-        # so GRPO credits each advantage to the step whose noise made it, and training costs one forward/backward
-        # pass per image (docs/learning.md)
+        # only the first of the 20 steps is stochastic and trained: on the embedded world the first steps decide
+        # which colour and shape fill each slot (scripts/reward_variance.py), the last ones nothing, and training
+        # costs one forward/backward pass per image (docs/learning.md)
         sample=SampleConfig(
-            num_steps=20, guidance_scale=2.0, eta=1.0, sde_window=(0, 1), batch_size=32, num_batches_per_epoch=4
+            num_steps=20, guidance_scale=2.0, eta=1.0, sde_window=(0, 1), batch_size=16, num_batches_per_epoch=8
         ),
         reward=RewardConfig(spec="shapes"),
-        # 32 fixed training prompts (8 of each kind, from tiny:train): each is drawn about once an epoch
+        # 32 fixed training prompts (8 of each kind, from tiny:train); an epoch draws 16 (with replacement)
         prompts=PromptConfig(train=str(PROMPTS / "shapes_train32.txt"), eval="tiny:heldout"),
         train=TrainConfig(
             algorithm="grpo",
-            epochs=70,
-            lr=2e-3,
-            lr_schedule="cosine",
-            batch_size=32,
-            gradient_accumulation_steps=4,  # one update per epoch over 32 prompts x 4 images
-            group_size=4,
+            epochs=20,
+            lr=4e-3,
+            lr_schedule="constant",
+            batch_size=16,
+            gradient_accumulation_steps=8,  # one update per epoch over 16 prompts x 8 images
+            group_size=8,
             num_inner_epochs=1,
             clip_range=1e-2,
             timestep_fraction=1.0,
