@@ -6,6 +6,7 @@ import pytest
 from diffrl.tiny.world import (
     COLORS,
     SHAPES,
+    SLOT_JITTER,
     Caption,
     ObjectGroup,
     Relation,
@@ -14,6 +15,7 @@ from diffrl.tiny.world import (
     is_held_out,
     load_prompts,
     parse,
+    place,
     render,
     sample_caption,
     split_prompts,
@@ -151,9 +153,13 @@ def test_perturbed_captions_keep_two_distinct_colours_and_their_kind():
     assert perturb(parse("a red circle left of a blue square"), 0.0, rng).text == "a red circle left of a blue square"
 
 
-def test_scenes_put_every_object_in_its_slot_apart_and_inside_the_canvas():
-    from diffrl.tiny.world import SLOT_JITTER, _separated, place
+def _apart(a, b, gap: float) -> bool:
+    """Two placed objects' bounding boxes are at least ``gap`` pixels apart along some axis."""
+    reach = (a.size + b.size) / 2 + gap
+    return abs(a.center[0] - b.center[0]) >= reach or abs(a.center[1] - b.center[1]) >= reach
 
+
+def test_scenes_put_every_object_in_its_slot_apart_and_inside_the_canvas():
     for caption in all_captions():
         for seed in range(3):
             objects = place(caption, random.Random(seed))
@@ -163,7 +169,7 @@ def test_scenes_put_every_object_in_its_slot_apart_and_inside_the_canvas():
             )
             for i, a in enumerate(objects):
                 assert a.size / 2 <= min(a.center) and max(a.center) <= 64 - a.size / 2
-                assert all(_separated(a, b, gap=2.0) for b in objects[i + 1 :])
+                assert all(_apart(a, b, gap=2.0) for b in objects[i + 1 :])
             if len(objects) == 1:
                 assert max(abs(c - 32) for c in objects[0].center) <= SLOT_JITTER
 
@@ -178,8 +184,6 @@ def test_scenes_put_every_object_in_its_slot_apart_and_inside_the_canvas():
     ],
 )
 def test_position_scenes_lay_the_pair_along_the_relation_s_axis(prompt, axis, subject_first):
-    from diffrl.tiny.world import place
-
     for seed in range(10):
         subject, reference = sorted(place(parse(prompt), random.Random(seed)), key=lambda o: o.color != "red")
         assert (subject.center[axis] < reference.center[axis]) == subject_first
@@ -188,8 +192,6 @@ def test_position_scenes_lay_the_pair_along_the_relation_s_axis(prompt, axis, su
 
 
 def test_binding_pairs_take_either_order():
-    from diffrl.tiny.world import place
-
     caption = parse("a red square and a blue circle")
     first = {place(caption, random.Random(seed))[0].color for seed in range(20)}
     assert first == {"red", "blue"}

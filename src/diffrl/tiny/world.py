@@ -203,11 +203,6 @@ def draw_scene(objects: list[PlacedObject]) -> np.ndarray:
     return np.asarray(image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX))
 
 
-def _separated(a: PlacedObject, b: PlacedObject, gap: float) -> bool:
-    reach = (a.size + b.size) / 2 + gap
-    return abs(a.center[0] - b.center[0]) >= reach or abs(a.center[1] - b.center[1]) >= reach
-
-
 # Slots: where a scene's objects go, by how many there are and how they are arranged. Objects sit near a fixed
 # layout (jittered by up to SLOT_JITTER pixels, sizes drawn from the slot's range), so what a scene shows is decided
 # by which colour and shape fill which slot, not by where an object happens to land. A generative model of these
