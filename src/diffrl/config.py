@@ -232,7 +232,7 @@ class PromptConfig:
 class TrainConfig:
     algorithm: Literal["ddpo_sf", "ddpo_is", "grpo", "nft", "draft"] = _help(
         "'ddpo_sf' (score function), 'ddpo_is' (importance sampling, PPO clip), 'grpo', 'nft' (DiffusionNFT: "
-        "the forward process, any sampler, flow models) or 'draft' (DRaFT-K: a differentiable reward's gradient "
+        "the forward process, any sampler) or 'draft' (DRaFT-K: a differentiable reward's gradient "
         "through the last sampling steps)",
         default="grpo",
     )
@@ -286,7 +286,7 @@ class TrainConfig:
         default=0,
     )
     nft_guidance_free: bool = _help(
-        "DiffusionNFT: train the conditional velocity alone (guidance-free) instead of the guided one", default=False
+        "DiffusionNFT: train the conditional prediction alone (guidance-free) instead of the guided one", default=False
     )
     stat_buffer_size: int = _help("DDPO: rewards kept per prompt for normalisation, across epochs", default=32)
     stat_min_count: int = _help("DDPO: below this many rewards a prompt uses the batch statistics", default=16)
@@ -436,12 +436,6 @@ class Config:
             section = getattr(self, f.name)
             section.__post_init__()
         sample, train = self.sample, self.train
-        if train.algorithm == "nft":
-            _require(
-                self.model.family not in VP_FAMILIES,
-                "train.algorithm='nft' (DiffusionNFT) trains flow models as its paper does (model.family flux or "
-                f"sd3); {self.model.family!r} predicts noise, not a velocity: use grpo or ddpo_is for it.",
-            )
         if train.algorithm in ("grpo", "nft"):
             _require(
                 train.group_size >= 2,

@@ -165,3 +165,13 @@ def test_noised_is_the_schedulers_forward_process_at_the_steps_sigma(random_flux
     for index in (0, 5):
         expected = policy.scheduler.scale_noise(x0, schedule.timesteps[index : index + 1].cpu(), noise)
         torch.testing.assert_close(policy.noised(x0, 6, index, noise), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_noised_takes_a_step_per_sample_and_the_exact_velocity_predicts_the_clean_sample(random_flux_dir):
+    policy = load(random_flux_dir)
+    x0, noise, index = torch.randn(2, 16, 8), torch.randn(2, 16, 8), torch.tensor([0, 4])
+    x_t = policy.noised(x0, 6, index, noise)
+    for row in (0, 1):
+        one = policy.noised(x0[row : row + 1], 6, int(index[row]), noise[row : row + 1])
+        torch.testing.assert_close(x_t[row], one[0])
+    torch.testing.assert_close(policy.predicted_clean(noise - x0, 6, index, x_t), x0, rtol=1e-5, atol=1e-5)

@@ -182,3 +182,14 @@ def test_noised_is_the_schedulers_forward_process_at_the_steps_timestep(policy):
     for index in (0, 9):
         expected = scheduler.add_noise(x0, noise, scheduler.timesteps[index : index + 1])
         torch.testing.assert_close(policy.noised(x0, 10, index, noise), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_noised_takes_a_step_per_sample_and_the_exact_noise_predicts_the_clean_sample(policy):
+    x0, noise = torch.randn(2, *policy.latent_shape), torch.randn(2, *policy.latent_shape)
+    index = torch.tensor([1, 8])  # not the first step: there sqrt(a) is tiny and x0 comes back through 1 / sqrt(a)
+    x_t = policy.noised(x0, 10, index, noise)
+    for row in (0, 1):
+        one = policy.noised(x0[row : row + 1], 10, int(index[row]), noise[row : row + 1])
+        torch.testing.assert_close(x_t[row], one[0])
+    torch.testing.assert_close(policy.predicted_clean(noise, 10, index, x_t), x0, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(policy.predicted_clean(noise, 10, index.flip(0), x_t), x0, atol=1e-2)

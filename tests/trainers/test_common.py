@@ -168,7 +168,7 @@ def test_nft_loss_on_hand_made_inputs():
     old = target + torch.tensor([[0.4, -0.4], [0.2, 0.6]])  # the sampling policy is off by these
     velocity = (target + torch.tensor([[0.2, 0.0], [0.0, -0.2]])).requires_grad_(True)
     beta = 0.5
-    out = nft_loss(velocity, old, x_t, x0, t, torch.tensor([1.0, 0.25]), beta)
+    out = nft_loss(x_t - t[:, None] * velocity, x_t - t[:, None] * old, x0, torch.tensor([1.0, 0.25]), beta)
     # by hand: v+ = beta v + (1 - beta) v_old is off by d+ = beta dv + (1 - beta) d_old; the x0 error is -t d+,
     # and a squared error over its own mean absolute error is mean(e^2) / mean(|e|)
     d_v, d_old = velocity.detach() - target, old - target
@@ -181,4 +181,4 @@ def test_nft_loss_on_hand_made_inputs():
     out.loss[0].backward()
     assert velocity.grad[0, 0] > 0 and velocity.grad[1].abs().sum() == 0 and not old.requires_grad
     with pytest.raises(ValueError, match="beta must be > 0"):
-        nft_loss(velocity, old, x_t, x0, t, torch.ones(2), 0.0)
+        nft_loss(x_t - t[:, None] * velocity, x_t - t[:, None] * old, x0, torch.ones(2), 0.0)

@@ -1,6 +1,8 @@
-"""DiffusionNFT on a tiny random FLUX: only the LoRA trains, the sampling policy follows it, resume is exact."""
+"""DiffusionNFT on tiny random FLUX and SD models: only the LoRA trains, the sampling policy follows it, resume is
+exact."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -59,9 +61,21 @@ def test_an_nft_epoch_trains_only_the_lora_and_moves_the_sampling_policy(random_
     trainer.finish()
 
 
-def test_nft_is_for_flow_models_and_takes_any_eta(random_sd_dir, random_flux_dir, tmp_path):
-    with pytest.raises(ConfigError, match="trains flow models as its paper does"):
-        apply_overrides(small_config(str(random_sd_dir), str(tmp_path)), ["--train.algorithm", "nft"])
+def test_an_nft_epoch_on_a_noise_predicting_model_trains_its_lora(random_sd_dir, tmp_path):
+    config = apply_overrides(small_config(str(random_sd_dir), str(tmp_path / "run")), [
+        "--train.algorithm", "nft", "--sample.eta", "0", "--train.timestep_fraction", "0.5", "--train.epochs", "1",
+        "--reward.spec", "rewards_helpers:brightness",
+    ])  # fmt: skip
+    trainer = make_trainer(config, reward=brightness)
+    before = {name: p.detach().clone() for name, p in trainer.policy.unet.named_parameters()}
+    trainer.train()
+    changed = {name for name, p in trainer.policy.unet.named_parameters() if not torch.equal(p, before[name])}
+    assert changed and all("lora" in name for name in changed)
+    row = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert row["train/optimizer_steps"] == 2 and math.isfinite(row["train/loss"])
+
+
+def test_nft_takes_any_eta(random_flux_dir, tmp_path):
     config = apply_overrides(small_config(str(random_flux_dir), str(tmp_path)), nft_overrides(random_flux_dir))
     assert config.sample.eta == 0  # the ODE samples; no log-probability is needed
     with pytest.raises(ConfigError, match="train.nft_beta must be > 0"):

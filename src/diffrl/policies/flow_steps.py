@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from diffrl.sampling.common import StepOutput
+from diffrl.sampling.common import StepOutput, per_sample
 from diffrl.sampling.flow import flow_step
 
 
@@ -61,10 +61,20 @@ class FlowSteps:
             log_prob_reduction=log_prob_reduction,
         )
 
-    def noised(self, x0: torch.Tensor, num_steps: int, step_index: int, noise: torch.Tensor) -> torch.Tensor:
-        """The forward process's sample at step ``step_index``'s sigma ``t``: ``(1 - t) x0 + t noise``."""
-        t = self.schedule(num_steps).sigmas[step_index].item()
+    def noised(
+        self, x0: torch.Tensor, num_steps: int, step_index: int | torch.Tensor, noise: torch.Tensor
+    ) -> torch.Tensor:
+        """The forward process's sample at step ``step_index``'s sigma ``t`` (scalar or ``[B]``):
+        ``(1 - t) x0 + t noise``."""
+        t = per_sample(self.schedule(num_steps).sigmas[torch.as_tensor(step_index).cpu()], x0).to(x0.dtype)
         return (1 - t) * x0 + t * noise
+
+    def predicted_clean(
+        self, model_output: torch.Tensor, num_steps: int, step_index: int | torch.Tensor, latents: torch.Tensor
+    ) -> torch.Tensor:
+        """The clean sample the velocity ``model_output`` at ``latents`` predicts: ``x_t - t v`` (float32)."""
+        t = per_sample(self.schedule(num_steps).sigmas[torch.as_tensor(step_index).cpu()], latents)
+        return latents.float() - t * model_output.float()
 
     def timestep_input(self, num_steps: int, step_index: int | torch.Tensor) -> torch.Tensor:
         """The scheduler's timestep (1000 sigma) for ``step_index`` (scalar or ``[B]``)."""

@@ -15,8 +15,8 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from diffrl.config import LoraConfig, ModelConfig
 from diffrl.policies.common import LoraModel, pipeline_dtype, resolve_model_path
-from diffrl.sampling.common import StepOutput
-from diffrl.sampling.gddim import gddim_step
+from diffrl.sampling.common import StepOutput, per_sample
+from diffrl.sampling.gddim import gddim_step, to_x0_eps
 
 
 @dataclass(frozen=True)
@@ -164,10 +164,24 @@ class SDPolicy(LoraModel):
             log_prob_reduction=log_prob_reduction,
         )
 
-    def noised(self, x0: torch.Tensor, num_steps: int, step_index: int, noise: torch.Tensor) -> torch.Tensor:
-        """The forward process's sample at step ``step_index``'s timestep: ``sqrt(a_t) x0 + sqrt(1 - a_t) noise``."""
-        alpha = self.alphas_cumprod[self.schedule(num_steps).timesteps[step_index]].item()
-        return alpha**0.5 * x0 + (1 - alpha) ** 0.5 * noise
+    def _alpha(self, num_steps: int, step_index: int | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """``a_t`` of step ``step_index`` (scalar or ``[B]``), broadcastable against ``like``, float32."""
+        timesteps = self.schedule(num_steps).timesteps[torch.as_tensor(step_index).cpu()]
+        return per_sample(self.alphas_cumprod[timesteps].float(), like)
+
+    def noised(
+        self, x0: torch.Tensor, num_steps: int, step_index: int | torch.Tensor, noise: torch.Tensor
+    ) -> torch.Tensor:
+        """The forward process's sample at step ``step_index``'s timestep (scalar or ``[B]``):
+        ``sqrt(a_t) x0 + sqrt(1 - a_t) noise``."""
+        alpha = self._alpha(num_steps, step_index, x0).to(x0.dtype)
+        return alpha.sqrt() * x0 + (1 - alpha).sqrt() * noise
+
+    def predicted_clean(
+        self, model_output: torch.Tensor, num_steps: int, step_index: int | torch.Tensor, latents: torch.Tensor
+    ) -> torch.Tensor:
+        """The clean sample ``model_output`` (of the scheduler's prediction type) at ``latents`` predicts, float32."""
+        return to_x0_eps(model_output, latents, self._alpha(num_steps, step_index, latents), self.prediction_type)[0]
 
     def timestep_input(self, num_steps: int, step_index: int | torch.Tensor) -> torch.Tensor:
         """The model's timestep input for ``step_index`` (scalar or ``[B]``)."""

@@ -191,41 +191,41 @@ class NFTLoss:
 
 
 def nft_loss(
-    velocity: torch.Tensor,
-    old_velocity: torch.Tensor,
-    x_t: torch.Tensor,
+    prediction: torch.Tensor,
+    old_prediction: torch.Tensor,
     x0: torch.Tensor,
-    t: torch.Tensor,
     r: torch.Tensor,
     beta: float,
 ) -> NFTLoss:
-    """DiffusionNFT's loss at one noised clean sample ``x_t = (1 - t) x0 + t noise`` of a flow model.
+    """DiffusionNFT's loss at one noised clean sample ``x0``, written in the clean samples the networks predict.
 
-    The trained velocity ``v`` and the sampling policy's ``v_old`` (no gradient) define an implicit positive
-    policy ``v+ = beta v + (1 - beta) v_old`` and a negative one ``v- = (1 + beta) v_old - beta v``; each predicts the
-    clean sample ``x_t - t v+-``. A sample with optimality ``r`` pulls the positive policy towards its ``x0`` with
-    weight ``r`` and the negative one with ``1 - r``, so that training moves ``v`` from the bad samples towards the
-    good ones. Each squared error is divided by its own (detached) mean absolute error, the paper's adaptive
-    weighting, which keeps every timestep's loss on one scale.
+    The trained network's clean prediction ``p`` and the sampling policy's ``p_old`` (no gradient) define an
+    implicit positive policy ``p+ = beta p + (1 - beta) p_old`` and a negative one ``p- = (1 + beta) p_old - beta p``.
+    A sample with optimality ``r`` pulls the positive policy towards its ``x0`` with weight ``r`` and the negative
+    one with ``1 - r``, so that training moves the network from the bad samples towards the good ones. Each
+    squared error is divided by its own (detached) mean absolute error, the paper's adaptive weighting, which keeps
+    every timestep's loss on one scale.
+
+    At a given ``x_t`` the clean prediction is an affine function of what the network outputs (a flow model's
+    velocity ``v``: ``x_t - t v``; a VP model's noise ``eps``: ``(x_t - sqrt(1 - a) eps) / sqrt(a)``), and each
+    implicit policy's weights sum to one, so these mixtures are the paper's mixtures of velocities for a flow model
+    and the same construction for a noise-predicting one.
 
     Args:
-        velocity, old_velocity, x_t, x0: ``[B, ...]``.
-        t: ``[B]`` sigmas in (0, 1].
+        prediction, old_prediction, x0: ``[B, ...]`` clean samples (predicted; the sampled one).
         r: ``[B]`` optimality probabilities (:func:`optimality_probability`).
         beta: the step size of the implicit policies, > 0.
     """
     if not beta > 0:
         raise ValueError(f"DiffusionNFT's beta must be > 0; got {beta}.")
     dims = tuple(range(1, x0.ndim))
-    t = t.view(-1, *([1] * (x0.ndim - 1)))
-    old = old_velocity.detach()
+    old = old_prediction.detach()
 
-    def weighted_error(v: torch.Tensor) -> torch.Tensor:
-        x0_prediction = x_t - t * v
+    def weighted_error(x0_prediction: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             weight = (x0_prediction.double() - x0.double()).abs().mean(dim=dims, keepdim=True).clamp(min=1e-5)
         return ((x0_prediction - x0) ** 2 / weight.to(x0_prediction.dtype)).mean(dim=dims)
 
-    positive = weighted_error(beta * velocity + (1 - beta) * old)
-    negative = weighted_error((1 + beta) * old - beta * velocity)
+    positive = weighted_error(beta * prediction + (1 - beta) * old)
+    negative = weighted_error((1 + beta) * old - beta * prediction)
     return NFTLoss(loss=(r * positive + (1 - r) * negative) / beta, positive=positive, negative=negative)

@@ -2,15 +2,18 @@
 
 Each epoch samples K images per prompt with the *sampling policy* (any eta: the ODE by default in its recipes) and
 scores them; a sample's advantage within its group becomes an optimality probability ``r``. Training never looks
-at the trajectory: each clean sample ``x0`` is noised afresh at the schedule's sigmas ``x_t = (1 - t) x0 + t
-noise``, and the trained velocity is pulled, through the implicit positive and negative policies around the
-sampling policy's velocity, towards the good samples and away from the bad ones (:func:`nft_loss`), with an
-optional squared distance to the reference (LoRA-disabled) velocity weighted by ``train.kl_coef``. The sampling
+at the trajectory: each clean sample ``x0`` is noised afresh by the forward process at a step of the sampling
+schedule, and the trained network is pulled, through the implicit positive and negative policies around the
+sampling policy's prediction, towards the good samples and away from the bad ones (:func:`nft_loss`), with an
+optional squared distance to the reference (LoRA-disabled) prediction weighted by ``train.kl_coef``. The sampling
 policy is an EMA of the trained LoRA whose decay grows with the optimizer steps (``train.nft_decay_rate`` up to
 ``train.nft_decay_max``); it is checkpointed, so a resumed run continues exactly. With
-``train.nft_guidance_free`` the conditional velocity alone is trained, the paper's CFG-free option.
+``train.nft_guidance_free`` the conditional prediction alone is trained, the paper's CFG-free option.
 
-Flow models only (FLUX, SD3), as in the paper: their networks predict the velocity the loss is written in.
+The loss is written in the clean samples the network predicts (:func:`~diffrl.trainers.common.nft_loss`): for a
+flow model (FLUX, SD3) that is the paper's loss on velocities; a VP model (SD1.x/2.x, SDXL) trains its noise (or v)
+prediction through the same affine relation at each timestep, its forward process ``sqrt(a) x0 + sqrt(1 - a)
+noise`` in place of the flow's ``(1 - t) x0 + t noise``.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ import torch
 from tqdm.auto import tqdm
 
 from diffrl.config import ConfigError
-from diffrl.policies.flow_steps import FlowSteps
 from diffrl.sampling.rollout import select_embeds
 from diffrl.trainers.base import Samples
 from diffrl.trainers.common import derived_seed, nft_loss, optimality_probability, subsample_timesteps
@@ -35,10 +37,6 @@ class NFTTrainer(GRPOTrainer):
     def __init__(self, *args, **kwargs):
         self._restored_old: list[torch.Tensor] | None = None
         super().__init__(*args, **kwargs)
-        if not isinstance(self.policy, FlowSteps):
-            raise ConfigError(
-                f"train.algorithm='nft' needs a flow model (FLUX, SD3); {type(self.policy).__name__} is not one."
-            )
         restored = self._restored_old
         self.old = restored if restored is not None else [p.detach().clone() for p in self.params]
 
@@ -87,7 +85,8 @@ class NFTTrainer(GRPOTrainer):
     # ------------------------------------------------------------------------------------------------------------
     # the training pass
 
-    def velocity(self, latents, timesteps, embeds) -> torch.Tensor:
+    def prediction(self, latents, timesteps, embeds) -> torch.Tensor:
+        """The network's output (a velocity, or a VP model's noise) with the guidance the trained policy uses."""
         guidance = 1.0 if self.config.train.nft_guidance_free else self.config.sample.guidance_scale
         return self.policy.predict(latents, timesteps, embeds, guidance)
 
@@ -103,8 +102,8 @@ class NFTTrainer(GRPOTrainer):
         generator = torch.Generator().manual_seed(derived_seed(cfg.seed, epoch, self.rank, 1))
         noise_generator = torch.Generator().manual_seed(derived_seed(cfg.seed, epoch, self.rank, NFT_NOISE))
         torch.manual_seed(derived_seed(cfg.seed, epoch, self.rank, 2))  # LoRA dropout
-        schedule = self.policy.schedule(trajectory.num_steps)
-        every_step = torch.ones(trajectory.num_steps, dtype=torch.bool)
+        num_steps = trajectory.num_steps
+        every_step = torch.ones(num_steps, dtype=torch.bool)
         lr = self.lr_scheduler.get_last_lr()[0]
         self.policy.denoiser.train()
         stats: dict[str, list[float]] = {}
@@ -124,22 +123,27 @@ class NFTTrainer(GRPOTrainer):
                 embeds = select_embeds(trajectory.prompt_embeds, rows.to(device))
                 for k in range(cols.shape[1]):
                     index = cols[:, k]
-                    t = schedule.sigmas[index].to(device, x0.dtype)
                     noise = torch.randn(x0.shape, generator=noise_generator).to(device, x0.dtype)
-                    x_t = (1 - t.view(-1, *[1] * (x0.ndim - 1))) * x0 + t.view(-1, *[1] * (x0.ndim - 1)) * noise
-                    timesteps = schedule.timesteps[index.to(schedule.timesteps.device)]
+                    x_t = self.policy.noised(x0, num_steps, index, noise)
+                    timesteps = self.policy.timestep_input(num_steps, index)
                     with torch.no_grad(), self.sampling_policy():
-                        old_velocity = self.velocity(x_t, timesteps, embeds)
+                        old_output = self.prediction(x_t, timesteps, embeds)
                     sync = (m + 1) % cfg.gradient_accumulation_steps == 0 and k == cols.shape[1] - 1
                     context = contextlib.nullcontext() if sync else self.accelerator.no_sync(self.policy.denoiser)
                     with context:
-                        velocity = self.velocity(x_t, timesteps, embeds)
-                        out = nft_loss(velocity, old_velocity, x_t, x0, t, r_all[rows], cfg.nft_beta)
+                        output = self.prediction(x_t, timesteps, embeds)
+                        out = nft_loss(
+                            self.policy.predicted_clean(output, num_steps, index, x_t),
+                            self.policy.predicted_clean(old_output, num_steps, index, x_t),
+                            x0.float(),
+                            r_all[rows],
+                            cfg.nft_beta,
+                        )
                         loss = out.loss.mean() * cfg.adv_clip_max  # the paper's scale: r's slope is 1 / (2 clip)
                         if cfg.kl_coef > 0:
                             with torch.no_grad(), self.policy.reference():
-                                reference = self.velocity(x_t, timesteps, embeds)
-                            kl = ((velocity - reference) ** 2).mean()
+                                reference = self.prediction(x_t, timesteps, embeds)
+                            kl = ((output - reference) ** 2).mean()
                             loss = loss + cfg.kl_coef * kl
                             stats.setdefault("kl", []).append(kl.item())
                         self.accelerator.backward(loss / (cfg.gradient_accumulation_steps * cols.shape[1]))
