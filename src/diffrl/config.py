@@ -101,6 +101,11 @@ class ModelConfig:
         )
 
 
+# LoRA targets for a UNet's whole blocks: every attention projection, the transformer blocks' input, output and
+# feed-forward layers and the ResNet convolutions (the default, attention alone, cannot move what the tiny SD draws
+# where: docs/learning.md)
+UNET_BLOCKS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
+               "conv2")  # fmt: skip
 # LoRA targets for the MMDiTs (FLUX.1, SD3): the image- and text-stream attention projections of every block
 FLUX_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 

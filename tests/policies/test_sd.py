@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-from diffrl.config import LoraConfig, ModelConfig
+from diffrl.config import UNET_BLOCKS, LoraConfig, ModelConfig
 from diffrl.policies.common import resolve_model_path
 from diffrl.policies.sd import SDPolicy
 from diffrl.sampling.rollout import rollout
@@ -43,7 +43,12 @@ def test_rollout_at_eta_one_equals_the_pipeline_with_ddim_eta_one(random_sd_dir,
     assert ours.sde_mask.all() and torch.isfinite(ours.log_probs).all()
 
 
-def test_lora_round_trips_through_plain_diffusers(random_sd_dir, policy, tmp_path):
+@pytest.mark.parametrize("targets", ["attention", "blocks"])
+def test_lora_round_trips_through_plain_diffusers(random_sd_dir, policy, tmp_path, targets):
+    lora = LoraConfig(rank=4, alpha=8.0, **({"target_modules": UNET_BLOCKS} if targets == "blocks" else {}))
+    if targets == "blocks":  # ResNet convolutions and feed-forward layers too
+        policy = SDPolicy.load(ModelConfig(path=str(random_sd_dir)), lora)
+        assert any("conv1.lora_A" in name for name, _ in policy.unet.named_parameters())
     for p in policy.trainable_parameters():  # a trained-looking adapter: non-zero LoRA B
         torch.nn.init.normal_(p, std=0.05)
     policy.save_adapter(tmp_path / "lora")
@@ -63,7 +68,7 @@ def test_lora_round_trips_through_plain_diffusers(random_sd_dir, policy, tmp_pat
     assert (base - mine.images).abs().max() > 1e-3  # the adapter changes the samples
     torch.testing.assert_close(loaded, mine.images, atol=1e-5, rtol=1e-5)
 
-    fresh = SDPolicy.load(ModelConfig(path=str(random_sd_dir)), LoraConfig(rank=4, alpha=8.0))
+    fresh = SDPolicy.load(ModelConfig(path=str(random_sd_dir)), lora)
     fresh.load_adapter(tmp_path / "lora")
     for a, b in zip(fresh.trainable_parameters(), policy.trainable_parameters(), strict=True):
         assert torch.equal(a, b)

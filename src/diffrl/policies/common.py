@@ -132,7 +132,11 @@ class LoraModel:
             return
         state = get_peft_model_state_dict(self.model)
         if self.component == "unet":  # as diffusers' UNet LoRA scripts save; its transformer loaders read peft's names
-            state = convert_state_dict_to_diffusers(state)
+            converted = convert_state_dict_to_diffusers(state)
+            # diffusers renames attention layers only: a LoRA on convolutions or feed-forward layers keeps peft's
+            # names throughout (a file of both is read as one or the other, and loses the rest)
+            if not any(".lora_A." in key or ".lora_B." in key for key in converted):
+                state = converted
         self.pipeline_class.save_lora_weights(
             save_directory=directory,
             safe_serialization=True,
