@@ -98,7 +98,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("runs/pretrain_tiny_flux"), help="checkpoints")
     parser.add_argument("--data", type=Path, default=Path("runs/pretrain_tiny"), help="scenes (shared with SD)")
     add_joint_training_args(parser, "the transformer and T5")
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=3000, help="transformer and T5 steps")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
