@@ -61,20 +61,23 @@ class FlowSteps:
             log_prob_reduction=log_prob_reduction,
         )
 
+    def _sigma(self, num_steps: int, step_index: int | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Sigma ``t`` of step ``step_index`` (scalar or ``[B]``), broadcastable against ``like``, float32."""
+        return per_sample(self.schedule(num_steps).sigmas[torch.as_tensor(step_index).cpu()], like)
+
     def noised(
         self, x0: torch.Tensor, num_steps: int, step_index: int | torch.Tensor, noise: torch.Tensor
     ) -> torch.Tensor:
         """The forward process's sample at step ``step_index``'s sigma ``t`` (scalar or ``[B]``):
         ``(1 - t) x0 + t noise``."""
-        t = per_sample(self.schedule(num_steps).sigmas[torch.as_tensor(step_index).cpu()], x0).to(x0.dtype)
+        t = self._sigma(num_steps, step_index, x0).to(x0.dtype)
         return (1 - t) * x0 + t * noise
 
     def predicted_clean(
         self, model_output: torch.Tensor, num_steps: int, step_index: int | torch.Tensor, latents: torch.Tensor
     ) -> torch.Tensor:
         """The clean sample the velocity ``model_output`` at ``latents`` predicts: ``x_t - t v`` (float32)."""
-        t = per_sample(self.schedule(num_steps).sigmas[torch.as_tensor(step_index).cpu()], latents)
-        return latents.float() - t * model_output.float()
+        return latents.float() - self._sigma(num_steps, step_index, latents) * model_output.float()
 
     def timestep_input(self, num_steps: int, step_index: int | torch.Tensor) -> torch.Tensor:
         """The scheduler's timestep (1000 sigma) for ``step_index`` (scalar or ``[B]``)."""
