@@ -8,6 +8,9 @@ Layout of ``<output_dir>/checkpoints/epoch-000010/``::
     trainer_state.json     completed epochs, optimizer steps, reward statistics
     config.json            the resolved config of the run
     manifest.json          size and SHA-256 of every file above, written last
+
+With ``eval.best_metric`` the run also keeps ``<output_dir>/best/`` (``adapter/`` and ``best.json``), replaced the
+same way whenever an evaluation beats the best so far.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from diffrl.config import Config, ConfigError
 
 CHECKPOINT_PREFIX = "epoch-"
+BEST = "best"  # <output_dir>/best/: the LoRA of the best evaluation (eval.best_metric)
 MANIFEST = "manifest.json"
 TENSORS = "trainer_tensors.safetensors"
 # files every checkpoint has (the adapter folder holds one weights file, whose name depends on LoRA or full tuning)
@@ -105,6 +109,36 @@ def verify_checkpoint(directory: Path) -> None:
             )
 
 
+def _install(tmp: Path, final: Path) -> None:
+    """Rename the finished folder ``tmp`` to ``final``, replacing an older ``final`` (renamed aside first, then
+    removed: a process killed in between leaves a ``.stale-`` folder that the next write removes)."""
+    if final.exists():
+        stale = final.with_name(f".stale-{final.name}-{os.getpid()}")
+        os.replace(final, stale)
+        shutil.rmtree(stale)
+    os.replace(tmp, final)
+
+
+def save_best(output_dir: Path, *, policy, epoch: int, metric: str, value: float) -> Path:
+    """``<output_dir>/best/``: the LoRA (``adapter/``, as a checkpoint holds it) after ``epoch`` epochs, when its
+    evaluation ``metric`` reached ``value``, the highest of the run so far (``best.json``); replaced atomically."""
+    output_dir = Path(output_dir)
+    final = output_dir / BEST
+    tmp = output_dir / f".tmp-{BEST}-{os.getpid()}"
+    for leftover in [*output_dir.glob(f".tmp-{BEST}-*"), *output_dir.glob(f".stale-{BEST}-*")]:
+        shutil.rmtree(leftover, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        policy.save_adapter(tmp / "adapter")
+        (tmp / "best.json").write_text(json.dumps({"epoch": epoch, "metric": metric, "value": value}) + "\n")
+        _fsync_tree(tmp)
+        _install(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
 def save_checkpoint(
     output_dir: Path,
     *,
@@ -142,11 +176,7 @@ def save_checkpoint(
         }
         (tmp / MANIFEST).write_text(json.dumps({"epoch": epoch, "files": files}, indent=1, sort_keys=True))
         _fsync_tree(tmp)
-        if final.exists():
-            stale = root / f".stale-{final.name}-{os.getpid()}"
-            os.replace(final, stale)
-            shutil.rmtree(stale)
-        os.replace(tmp, final)
+        _install(tmp, final)
     except BaseException as error:
         shutil.rmtree(tmp, ignore_errors=True)
         if is_disk_full(error):

@@ -388,9 +388,29 @@ class EvalConfig:
     )
     seed: int = _help("seed of the per-prompt evaluation noise", default=1234)
     grid_prompts: int = _help("held-out prompts shown in the image grid saved at each evaluation (0: none)", default=8)
+    best_metric: str = _help(
+        "an evaluation metric, higher is better, to keep the best LoRA by: '<reward>/<sampler>/mean', e.g. "
+        "'shapes/ode/mean' (a held-out verifier's ODE reward while training on a proxy); each new best is saved in "
+        "<output_dir>/best ('': off)",
+        default="",
+    )
+    patience: int = _help(
+        "with best_metric: stop the run after this many evaluations without a new best (0: train every epoch)",
+        default=0,
+    )
 
     def __post_init__(self) -> None:
         _require(self.grid_prompts >= 0, f"eval.grid_prompts must be >= 0; got {self.grid_prompts}.")
+        _require(self.patience >= 0, f"eval.patience must be >= 0; got {self.patience}.")
+        _require(
+            self.patience == 0 or bool(self.best_metric),
+            "eval.patience stops a run that has not beaten its best eval.best_metric; name the metric (e.g. "
+            "--eval.best_metric shapes/ode/mean) or set eval.patience 0.",
+        )
+        _require(
+            not self.best_metric or self.every_epochs > 0,
+            "eval.best_metric needs evaluations during training; set eval.every_epochs > 0 or eval.best_metric ''.",
+        )
         _require(self.every_epochs >= 0, f"eval.every_epochs must be >= 0; got {self.every_epochs}.")
         _require(self.num_prompts >= 0, f"eval.num_prompts must be >= 0; got {self.num_prompts}.")
         _require(self.num_steps >= 1, f"eval.num_steps must be >= 1; got {self.num_steps}.")

@@ -206,6 +206,30 @@ class Trainer(SamplingPhase, UpdatePhase, ReportingPhase, CheckpointPhase):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
+    def epochs(self):
+        """The epochs still to train: up to ``train.epochs``, or fewer when ``eval.patience`` stops the run (a
+        resumed run that had stopped trains none)."""
+        for epoch in range(self.start_epoch, self.config.train.epochs):
+            if self.stopped_early():
+                if self.is_main:
+                    best = self.extra_state["best"]
+                    print(
+                        f"stopped after epoch {epoch}: eval/{best['metric']} has not beaten its best "
+                        f"({best['value']:.4g} after epoch {best['epoch']}) in {best['evaluations_since']} "
+                        f"evaluations (eval.patience); that LoRA is in {self.output_dir / 'best'}.",
+                        flush=True,
+                    )
+                return
+            yield epoch
+
+    def end_epoch(self, completed: int, metrics: dict[str, float], final: bool) -> None:
+        """After ``completed`` epochs: evaluate, keep the best LoRA, log and checkpoint (always at the end of the
+        run, an early stop included)."""
+        metrics.update(self.maybe_evaluate(completed, final))
+        self.track_best(completed, metrics)
+        self.log(completed, metrics)
+        self.maybe_checkpoint(completed, final or self.stopped_early())
+
     def epoch_timer(self) -> _Timer:
         return _Timer()
 

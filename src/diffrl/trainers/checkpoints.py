@@ -1,5 +1,6 @@
 """Checkpoints of a run: written every ``logging.checkpoint_every`` epochs after a weight check, and a
-resume that restores them exactly (refusing a config that would not continue the same run).
+resume that restores them exactly (refusing a config that would not continue the same run); the best LoRA by an
+evaluation metric (``eval.best_metric``) and the early stop it allows (``eval.patience``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 from pathlib import Path
 
 import torch
+from accelerate.utils import broadcast_object_list
 
 from diffrl.checkpoint import (
     checkpoint_dirs,
@@ -18,6 +20,7 @@ from diffrl.checkpoint import (
     find_checkpoint,
     load_checkpoint,
     load_trainer_tensors,
+    save_best,
     save_checkpoint,
     saved_config,
 )
@@ -82,6 +85,42 @@ class CheckpointPhase:
                 self.config.save(self.output_dir / "config.json")
                 self.config_changed = False
         self.accelerator.wait_for_everyone()
+
+    def track_best(self, completed: int, metrics: dict[str, float]) -> None:
+        """With ``eval.best_metric``, after an evaluation: save a new best LoRA in ``<run>/best`` or count one more
+        evaluation without one. The record is part of the checkpoint's state, so a resumed run keeps it."""
+        name = self.config.eval.best_metric
+        if not name or "time/eval_s" not in metrics:  # no evaluation this epoch
+            return
+        best = self.extra_state.get("best")
+        if best is not None and best["metric"] != name:
+            best = None  # a resume that names another metric starts its record afresh
+        if self.is_main:
+            if f"eval/{name}" not in metrics:
+                logged = sorted(k[5:] for k in metrics if k.startswith("eval/") and "stderr" not in k)
+                raise ConfigError(
+                    f"eval.best_metric {name!r} is not one of this run's evaluation metrics; choose one of "
+                    f"{', '.join(logged)}."
+                )
+            value = float(metrics[f"eval/{name}"])
+            if best is None or value > best["value"]:
+                save_best(self.output_dir, policy=self.policy, epoch=completed, metric=name, value=value)
+                best = {"metric": name, "epoch": completed, "value": value, "evaluations_since": 0}
+            else:
+                best = {**best, "evaluations_since": best["evaluations_since"] + 1}
+        if self.world > 1:  # every process stops at the same epoch
+            best = broadcast_object_list([best])[0]
+        self.extra_state["best"] = best
+
+    def stopped_early(self) -> bool:
+        """``eval.patience`` evaluations have passed without a new best ``eval.best_metric``."""
+        cfg, best = self.config.eval, self.extra_state.get("best")
+        return (
+            cfg.patience > 0
+            and best is not None
+            and best["metric"] == cfg.best_metric
+            and best["evaluations_since"] >= cfg.patience
+        )
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         """A trainer's own tensors to checkpoint beside the adapter and optimizer (none here)."""

@@ -54,7 +54,7 @@ class DDPOTrainer(Trainer):
     def train(self) -> None:
         cfg = self.config
         self.evaluate_base_policy()
-        for epoch in range(self.start_epoch, cfg.train.epochs):
+        for epoch in self.epochs():
             timer = self.epoch_timer()
             final = epoch == cfg.train.epochs - 1
 
@@ -80,8 +80,6 @@ class DDPOTrainer(Trainer):
 
             # LOG, EVALUATE, CHECKPOINT
             metrics.update(self.reward_metrics(gathered))
-            metrics.update(self.maybe_evaluate(epoch + 1, final))
-            self.log(epoch + 1, metrics)
             self.extra_state["stat_tracker"] = self.stat_tracker.state_dict()
-            self.maybe_checkpoint(epoch + 1, final)
+            self.end_epoch(epoch + 1, metrics, final)
         self.finish()

@@ -113,14 +113,12 @@ class DRaFTTrainer(Trainer):
     def train(self) -> None:
         cfg = self.config
         self.evaluate_base_policy()
-        for epoch in range(self.start_epoch, cfg.train.epochs):
+        for epoch in self.epochs():
             timer = self.epoch_timer()
             final = epoch == cfg.train.epochs - 1
             metrics = self.train_epoch_direct(epoch)
             metrics["time/training_s"] = timer.lap()
-            metrics.update(self.maybe_evaluate(epoch + 1, final))
-            self.log(epoch + 1, metrics)
-            self.maybe_checkpoint(epoch + 1, final)
+            self.end_epoch(epoch + 1, metrics, final)
         self.finish()
 
     def train_epoch_direct(self, epoch: int) -> dict[str, float]:

@@ -53,7 +53,7 @@ class GRPOTrainer(Trainer):
     def train(self) -> None:
         cfg = self.config
         self.evaluate_base_policy()
-        for epoch in range(self.start_epoch, cfg.train.epochs):
+        for epoch in self.epochs():
             timer = self.epoch_timer()
             final = epoch == cfg.train.epochs - 1
 
@@ -72,9 +72,7 @@ class GRPOTrainer(Trainer):
 
             # LOG, EVALUATE, CHECKPOINT
             metrics.update(self.reward_metrics(gathered))
-            metrics.update(self.maybe_evaluate(epoch + 1, final))
-            self.log(epoch + 1, metrics)
-            self.maybe_checkpoint(epoch + 1, final)
+            self.end_epoch(epoch + 1, metrics, final)
         self.finish()
 
     def reward_metrics(self, gathered) -> dict[str, float]:

@@ -123,6 +123,7 @@ class ReportingPhase:
         if self.start_epoch == 0:
             baseline = self.maybe_evaluate(0)
             if baseline:
+                self.track_best(0, baseline)  # the base policy is the best until an update beats it
                 self.log(0, baseline)
 
     def progress_line(self, completed: int) -> str:
