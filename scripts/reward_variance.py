@@ -11,7 +11,7 @@ less of the gradient is noise from steps that do not matter. The leverage column
 those steps' means, in units of their noise, per unit of model output (their mean): a window whose noise decides
 the reward but whose leverage is small (a flow model's first steps) gives the policy almost nothing to re-weight.
 Uses the recipe's model, reward, prompts, guidance, step count and noise schedule; ``--section.key value``
-overrides apply as in ``diffrl train``.
+overrides apply as in ``diffrl train``, and ``--model.init_weights`` measures a trained LoRA instead of the base.
 """
 
 from __future__ import annotations
@@ -53,6 +53,8 @@ def main() -> None:
     config = apply_overrides(load_recipe(args.recipe)(), overrides)
     torch.manual_seed(0)
     policy = policies.load(config)
+    if config.model.init_weights:  # a trained LoRA (--model.init_weights RUN/checkpoints/epoch-N): after training
+        policy.load_adapter(config.model.init_weights)
     prompts = load_prompts(config.prompts.train)
     if len(prompts) > args.prompts:
         prompts = random.Random(0).sample(prompts, args.prompts)
