@@ -264,6 +264,12 @@ class TrainConfig:
     timestep_fraction: float = _help("fraction of the stochastic steps trained per trajectory", default=1.0)
     group_size: int = _help("GRPO: images per prompt (K)", default=4)
     same_noise_in_group: bool = _help("GRPO: the K images of a prompt start from the same noise", default=False)
+    antithetic_noise: bool = _help(
+        "GRPO: the K images of a prompt come in pairs that start from the same noise and take opposite step noise "
+        "(z and -z): a pair's advantages then differ only by what the trained steps' noise did, so whatever the "
+        "initial noise decided cancels out of the gradient (needs an even train.group_size)",
+        default=False,
+    )
     advantage_scale: Literal["group", "batch", "none"] = _help(
         "GRPO: what divides r - group mean: 'group' its group's std, 'batch' the epoch's global reward std "
         "(steadier for small groups), 'none' nothing (Dr. GRPO)",
@@ -472,6 +478,17 @@ class Config:
                 sample.batch_size % train.group_size == 0,
                 f"sample.batch_size ({sample.batch_size}) must be a multiple of train.group_size ({train.group_size}) "
                 "so that every group of K images is sampled by one process in one batch.",
+            )
+            _require(
+                not train.antithetic_noise or train.group_size % 2 == 0,
+                f"train.antithetic_noise samples a group in opposite pairs: train.group_size must be even; got "
+                f"{train.group_size}.",
+            )
+        else:
+            _require(
+                not (train.antithetic_noise or train.same_noise_in_group),
+                f"train.antithetic_noise and train.same_noise_in_group shape GRPO's groups; "
+                f"{ALGORITHM_NAMES[train.algorithm]} has none: leave them false.",
             )
         samples_per_epoch = sample.batch_size * sample.num_batches_per_epoch
         step_samples = train.batch_size * train.gradient_accumulation_steps

@@ -70,3 +70,24 @@ def test_a_moving_window_needs_a_first_position():
 
     with pytest.raises(ConfigError, match="set sample.sde_window"):
         SampleConfig(window_stride=2)
+
+
+def test_a_mirrored_row_takes_the_opposite_step_noise_with_the_same_log_probability(policy):
+    prompts, seeds, step_seeds = ["a red circle"] * 3, [3, 3, 3], [10, 10, 11]
+    kwargs = {"eta": 1.0, "num_steps": 4, "guidance_scale": 2.0, "sde_window": (0, 1)}
+    plain = rollout(policy, prompts, seeds, step_seeds=step_seeds, **kwargs)
+    pair = rollout(policy, prompts, seeds, step_seeds=step_seeds, mirror=[False, True, False], **kwargs)
+    # the unmirrored rows are untouched
+    assert torch.equal(pair.latents[[0, 2]], plain.latents[[0, 2]])
+    # the mirrored row's first step lies opposite its twin's around the step's mean (the same initial noise)
+    with torch.no_grad():
+        embeds = policy.encode_prompts(prompts[:1])
+        x = plain.latents[:1, 0]
+        out = policy.step(policy.predict(x, plain.timesteps[0], embeds, 2.0), 4, 0, x, eta=1.0)
+    twin, mirrored = plain.latents[0, 1] - out.mean[0], pair.latents[1, 1] - out.mean[0]
+    assert torch.allclose(mirrored, -twin, atol=1e-5)
+    assert not torch.allclose(pair.latents[1, -1], pair.latents[0, -1])
+    # a Gaussian is symmetric: the pair is equally likely
+    assert torch.allclose(pair.log_probs[1], pair.log_probs[0], atol=1e-6)
+    with pytest.raises(ValueError, match="3 seeds but 2 mirror flags"):
+        rollout(policy, prompts, seeds, mirror=[True, False], **kwargs)

@@ -387,3 +387,39 @@ def test_evaluation_compares_the_ode_with_the_sampler_that_trained(random_sd_dir
         assert "eval/brightness/gap_sde_eta=1.5" in row
         # the window (steps 0-1 of 4, so 0-3 of 8) and every-step SDE at the same eta are different samplers
         assert row["eval/brightness/train_sampler/mean"] != row["eval/brightness/sde_eta=1.5/mean"]
+
+
+def test_antithetic_groups_pair_opposite_step_noise_from_shared_initial_noise(random_sd_dir, tmp_path):
+    config = apply_overrides(
+        small_config(str(random_sd_dir), str(tmp_path)),
+        ["--train.antithetic_noise", "true", "--train.check_on_policy", "true", "--train.epochs", "1"],
+    )
+    trainer = GRPOTrainer(config, reward=brightness)
+    prompts, seeds, step_seeds, mirror = trainer.epoch_sampler(0)(0)
+    k = config.train.group_size
+    assert mirror == [i % 2 == 1 for i in range(len(prompts))]
+    assert seeds[0::2] == seeds[1::2] and step_seeds[0::2] == step_seeds[1::2]
+    assert len(set(seeds[0::2])) == len(seeds) // 2  # every pair has its own noise
+    assert all(prompts[i] == prompts[i - i % k] for i in range(len(prompts)))  # pairs never straddle groups
+    samples = trainer.sample_epoch(0, trainer.epoch_sampler(0))
+    latents = samples.trajectory.latents
+    assert torch.equal(latents[0::2, 0], latents[1::2, 0])
+    assert not torch.equal(latents[0::2, -1], latents[1::2, -1])
+    trainer.finish()
+    # training on mirrored samples re-scores them exactly (ratio 1 on the sampling layout)
+    config = apply_overrides(config, ["--logging.output_dir", str(tmp_path / "trained")])
+    GRPOTrainer(config, reward=brightness).train()
+    assert read_metrics(tmp_path / "trained")[-1]["train/on_policy_max_abs_ratio_minus_1"] == 0.0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["--train.antithetic_noise", "true", "--train.group_size", "3", "--sample.batch_size", "6"], "must be even"),
+        (["--train.antithetic_noise", "true", "--train.algorithm", "ddpo_is"], "DDPO-IS has none"),
+        (["--train.same_noise_in_group", "true", "--train.algorithm", "draft"], "DRaFT has none"),
+    ],
+)
+def test_group_noise_options_are_checked(random_sd_dir, tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        apply_overrides(small_config(str(random_sd_dir), str(tmp_path)), overrides)

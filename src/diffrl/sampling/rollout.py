@@ -62,6 +62,18 @@ def moving_window(
     return start + shift, end + shift
 
 
+def _mirror(policy, out, mirrored: torch.Tensor, model_output, num_steps, i, x, eta, noise_schedule, reduction):
+    """The step ``out`` with rows ``mirrored`` (``[B]`` bool) moved to ``mean - (prev_sample - mean)``, every row
+    re-scored from its stored sample (as training re-scores it, so that the ratio is exactly 1 there)."""
+    shape = (-1,) + (1,) * (out.prev_sample.dim() - 1)
+    opposite = (2 * out.mean - out.prev_sample.float()).to(out.prev_sample.dtype)
+    prev_sample = torch.where(mirrored.view(shape), opposite, out.prev_sample)
+    return policy.step(
+        model_output, num_steps, i, x, eta=eta, noise_schedule=noise_schedule, prev_sample=prev_sample,
+        log_prob_reduction=reduction,
+    )  # fmt: skip
+
+
 def select_embeds(embeds: Any, index: torch.Tensor | slice) -> Any:
     """Rows ``index`` of a prompt encoding that is a tensor or a tuple of batch-first tensors."""
     if isinstance(embeds, tuple):
@@ -82,6 +94,7 @@ def rollout(
     sde_window: tuple[int, int] | None = None,
     log_prob_reduction: str = "mean",
     step_seeds: list[int] | None = None,
+    mirror: list[bool] | None = None,
     progress: bool = False,
 ) -> Trajectory:
     """Sample one trajectory per prompt.
@@ -90,7 +103,9 @@ def rollout(
     start from the same noise under every eta (evaluation compares ODE and SDE this way). With ``step_seeds``
     the step noise comes from separate generators instead (GRPO groups that share initial noise). Steps outside
     ``sde_window`` are ODE steps (eta = 0) and carry no log-probability; so does a step whose variance is zero
-    (e.g. the last step of a flow model).
+    (e.g. the last step of a flow model). Rows where ``mirror`` is True take the opposite of the step noise their
+    generator draws, ``mean - std z`` for ``mean + std z`` (antithetic sampling: a row and its mirror that share
+    seeds are an opposite pair, and each is still an exact sample of the policy).
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"rollout got {len(prompts)} prompts but {len(seeds)} seeds.")
@@ -101,6 +116,9 @@ def rollout(
         if len(step_seeds) != len(seeds):
             raise ValueError(f"rollout got {len(seeds)} seeds but {len(step_seeds)} step seeds.")
         generators = [torch.Generator().manual_seed(int(seed)) for seed in step_seeds]
+    if mirror is not None and len(mirror) != len(seeds):
+        raise ValueError(f"rollout got {len(seeds)} seeds but {len(mirror)} mirror flags.")
+    mirrored = None if mirror is None or not any(mirror) else torch.tensor(mirror, device=x.device)
     sde_mask = sde_window_mask(num_steps, sde_window) & torch.tensor(eta > 0)
     latents = [x]
     log_probs = torch.zeros(len(prompts), num_steps, device=x.device)
@@ -122,6 +140,10 @@ def rollout(
         if out.log_prob is None:
             sde_mask[i] = False
         else:
+            if mirrored is not None:
+                out = _mirror(
+                    policy, out, mirrored, model_output, num_steps, i, x, eta, noise_schedule, log_prob_reduction
+                )
             log_probs[:, i] = out.log_prob
         x = out.prev_sample
         latents.append(x)

@@ -35,9 +35,9 @@ class DDPOTrainer(Trainer):
         prompts = self.epoch_prompts(epoch)
         seed = self.config.train.seed
 
-        def batch(b: int) -> tuple[list[str], list[int], None]:
+        def batch(b: int) -> tuple[list[str], list[int], None, None]:
             indices = [self.global_index(b, i) for i in range(self.config.sample.batch_size)]
-            return [prompts[g] for g in indices], [derived_seed(seed, epoch, NOISE, g) for g in indices], None
+            return [prompts[g] for g in indices], [derived_seed(seed, epoch, NOISE, g) for g in indices], None, None
 
         return batch
 

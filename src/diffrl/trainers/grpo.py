@@ -20,20 +20,31 @@ PROMPTS, NOISE = 101, 102  # purposes mixed into derived seeds
 
 class GRPOTrainer(Trainer):
     def epoch_sampler(self, epoch: int):
-        """``batch -> (prompts, seeds, step_seeds)`` for this process; the epoch's groups are fixed globally."""
+        """``batch -> (prompts, seeds, step_seeds, mirror)`` for this process; the epoch's groups are fixed globally.
+
+        Every image has its own initial and step noise, unless ``train.same_noise_in_group`` (a group shares its
+        initial noise) or ``train.antithetic_noise`` (consecutive images pair up: the pair shares its initial noise
+        and its step seed, and the second takes the opposite step noise)."""
         cfg, k = self.config, self.config.train.group_size
         num_groups = self.world * cfg.sample.num_batches_per_epoch * cfg.sample.batch_size // k
         rng = random.Random(derived_seed(cfg.train.seed, epoch, PROMPTS))
         group_prompts = rng.choices(self.train_prompts, k=num_groups)
 
-        def batch(b: int) -> tuple[list[str], list[int], list[int] | None]:
+        def initial(g: int) -> int:
+            if cfg.train.same_noise_in_group:
+                return derived_seed(cfg.train.seed, epoch, NOISE, -1 - g // k)
+            return derived_seed(cfg.train.seed, epoch, NOISE, g - g % 2 if cfg.train.antithetic_noise else g)
+
+        def batch(b: int) -> tuple[list[str], list[int], list[int] | None, list[bool] | None]:
             indices = [self.global_index(b, i) for i in range(cfg.sample.batch_size)]
             prompts = [group_prompts[g // k] for g in indices]
             own = [derived_seed(cfg.train.seed, epoch, NOISE, g) for g in indices]
+            if cfg.train.antithetic_noise:
+                pair_steps = [derived_seed(cfg.train.seed, epoch, NOISE, g - g % 2) for g in indices]
+                return prompts, [initial(g) for g in indices], pair_steps, [g % 2 == 1 for g in indices]
             if not cfg.train.same_noise_in_group:
-                return prompts, own, None
-            shared = [derived_seed(cfg.train.seed, epoch, NOISE, -1 - g // k) for g in indices]
-            return prompts, shared, own  # same initial noise in a group, distinct step noise
+                return prompts, own, None, None
+            return prompts, [initial(g) for g in indices], own, None  # same initial noise, distinct step noise
 
         return batch
 

@@ -70,15 +70,16 @@ class SamplingPhase:
 
     def sample_epoch(self, epoch: int, prompts_and_seeds) -> Samples:
         """Roll out and score this process's share of the epoch. ``prompts_and_seeds(batch) -> (prompts, seeds,
-        step_seeds)`` gives a sampling batch's prompts and seeds. With ``reward.overlap`` a batch is scored in a
-        worker thread while the next one is sampled (scores are the same either way)."""
+        step_seeds, mirror)`` gives a sampling batch's prompts, seeds and mirrored rows (:func:`rollout`). With
+        ``reward.overlap`` a batch is scored in a worker thread while the next one is sampled (scores are the same
+        either way)."""
         cfg = self.config.sample
         self.policy.denoiser.eval()
         overlap = self.overlap_scoring()
         trajectories, scored = [], []
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward") as pool:
             for batch in range(cfg.num_batches_per_epoch):
-                prompts, seeds, step_seeds = prompts_and_seeds(batch)
+                prompts, seeds, step_seeds, mirror = prompts_and_seeds(batch)
                 trajectory = rollout(
                     self.policy,
                     prompts,
@@ -92,6 +93,7 @@ class SamplingPhase:
                     ),
                     log_prob_reduction=cfg.log_prob_reduction,
                     step_seeds=step_seeds,
+                    mirror=mirror,
                     progress=self.config.logging.progress_bars and self.is_main,
                 )
                 trajectories.append(trajectory)
