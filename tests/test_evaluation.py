@@ -7,6 +7,7 @@ from diffrl.evaluation import (
     EvalResult,
     Sampler,
     evaluate,
+    gradient_signal_and_noise,
     noise_variance,
     paired_difference,
     rescale_window,
@@ -167,3 +168,17 @@ def test_step_leverage_is_the_mean_slope_over_the_step_std(random_sd_dir, random
         assert leverage[i] == pytest.approx((v_coef.abs() / (s * (1 - r).sqrt())).item(), rel=1e-4)
     assert leverage[-1] == float("inf")  # the last flow step (to sigma 0) has no noise
     assert leverage[0] < leverage[2] < leverage[4]  # a flow step's mean barely depends on the model at high noise
+
+
+def test_gradient_signal_and_noise_recovers_a_known_signal_to_noise():
+    generator = torch.Generator().manual_seed(0)
+    signal = torch.zeros(2000)
+    signal[:100] = 0.3  # |S|^2 = 9
+    noise = torch.randn(400, 2000, generator=generator) * 0.2  # E|N|^2 = 80
+    estimate, residual = gradient_signal_and_noise(signal + noise)
+    assert estimate == pytest.approx(9.0, abs=0.6) and residual == pytest.approx(80.0, rel=0.02)
+    # pure noise: no signal, whatever the noise's size
+    estimate, residual = gradient_signal_and_noise(noise * 10)
+    assert abs(estimate) < 1e-3 * residual
+    with pytest.raises(ValueError, match=r"\[n >= 2, P\]"):
+        gradient_signal_and_noise(signal[None])

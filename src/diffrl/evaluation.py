@@ -358,3 +358,17 @@ def step_leverage(policy, num_steps: int, *, eta: float = 1.0, noise_schedule: s
         std = at_zero.std.max().item()
         leverage.append(slope / std if std > 0 else math.inf)
     return leverage
+
+
+def gradient_signal_and_noise(gradients: torch.Tensor) -> tuple[float, float]:
+    """``(|S|^2, E|N|^2)`` from ``n >= 2`` independent estimates ``[n, P]`` of one expected gradient ``S``, each
+    ``S + N_i`` with zero-mean noise: the mean dot product of distinct pairs estimates ``|S|^2`` (unbiased; it can
+    come out negative when the signal is small) and the mean squared norm less it ``E|N|^2``. An average of ``m``
+    estimates then has squared signal-to-noise ``m |S|^2 / E|N|^2``; see ``scripts/gradient_agreement.py``."""
+    if gradients.dim() != 2 or len(gradients) < 2:
+        raise ValueError(f"gradients must be [n >= 2, P]; got shape {tuple(gradients.shape)}.")
+    g = gradients.double()
+    n, total = len(g), g.sum(dim=0)
+    squares = (g**2).sum(dim=1)
+    signal = ((total @ total - squares.sum()) / (n * (n - 1))).item()
+    return signal, squares.mean().item() - signal
