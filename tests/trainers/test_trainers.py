@@ -400,10 +400,15 @@ def test_antithetic_groups_pair_opposite_step_noise_from_shared_initial_noise(ra
     assert mirror == [i % 2 == 1 for i in range(len(prompts))]
     assert seeds[0::2] == seeds[1::2] and step_seeds[0::2] == step_seeds[1::2]
     assert len(set(seeds[0::2])) == len(seeds) // 2  # every pair has its own noise
+    # a step seed equal to an initial seed would draw the initial noise again as the step noise
+    assert set(step_seeds).isdisjoint(seeds)
     assert all(prompts[i] == prompts[i - i % k] for i in range(len(prompts)))  # pairs never straddle groups
     samples = trainer.sample_epoch(0, trainer.epoch_sampler(0))
     latents = samples.trajectory.latents
     assert torch.equal(latents[0::2, 0], latents[1::2, 0])
+    # the step noise is independent of the initial noise: the first step does not move along x_T
+    first_move = (latents[0::2, 1] - latents[1::2, 1]).flatten(1)  # 2 std z per pair
+    assert torch.nn.functional.cosine_similarity(first_move, latents[0::2, 0].flatten(1)).abs().max() < 0.5
     assert not torch.equal(latents[0::2, -1], latents[1::2, -1])
     trainer.finish()
     # training on mirrored samples re-scores them exactly (ratio 1 on the sampling layout)

@@ -15,7 +15,7 @@ import torch
 from diffrl.trainers.base import GatheredRewards, Samples, Trainer, derived_seed
 from diffrl.trainers.common import clip_advantages, group_advantages
 
-PROMPTS, NOISE = 101, 102  # purposes mixed into derived seeds
+PROMPTS, NOISE, STEP_NOISE = 101, 102, 104  # purposes mixed into derived seeds (103 is NFT's)
 
 
 class GRPOTrainer(Trainer):
@@ -40,7 +40,7 @@ class GRPOTrainer(Trainer):
             prompts = [group_prompts[g // k] for g in indices]
             own = [derived_seed(cfg.train.seed, epoch, NOISE, g) for g in indices]
             if cfg.train.antithetic_noise:
-                pair_steps = [derived_seed(cfg.train.seed, epoch, NOISE, g - g % 2) for g in indices]
+                pair_steps = [derived_seed(cfg.train.seed, epoch, STEP_NOISE, g - g % 2) for g in indices]
                 return prompts, [initial(g) for g in indices], pair_steps, [g % 2 == 1 for g in indices]
             if not cfg.train.same_noise_in_group:
                 return prompts, own, None, None
