@@ -3,8 +3,9 @@ from pathlib import Path
 import pytest
 
 from diffrl.cli import main
-from diffrl.config import Config
-from diffrl.loading import load_prompts, load_recipe
+from diffrl.config import Config, apply_overrides
+from diffrl.loading import load_eval_prompts, load_prompts, load_recipe
+from diffrl.tiny.world import parse
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").glob("*.py"))
@@ -74,3 +75,16 @@ def test_diffrl_version(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--version"])
     assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"diffrl {__version__}"
+
+
+def test_a_runs_held_out_subset_spans_the_list_and_so_every_kind(tmp_path):
+    listed = tmp_path / "eval.txt"
+    listed.write_text("".join(f"prompt {i}\n" for i in range(10)))
+    config = apply_overrides(Config(), ["--prompts.eval", str(listed), "--eval.num_prompts", "4"])
+    assert load_eval_prompts(config) == ["prompt 0", "prompt 2", "prompt 5", "prompt 7"]
+    for n in (0, 10, 11):
+        assert load_eval_prompts(apply_overrides(config, ["--eval.num_prompts", str(n)])) == load_prompts(str(listed))
+    # the embedded held-out list is grouped by kind: 64 of its 189 prompts take each kind in its share
+    tiny = load_eval_prompts(apply_overrides(Config(), ["--prompts.eval", "tiny:heldout", "--eval.num_prompts", "64"]))
+    positions = sum(parse(p).kind == "position" for p in tiny)
+    assert len(set(tiny)) == 64 and 44 <= positions <= 54  # 144 of 189 are position prompts

@@ -386,7 +386,9 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     every_epochs: int = _help("evaluate every this many epochs (0: never during training)", default=5)
-    num_prompts: int = _help("held-out prompts evaluated (the first N of the eval prompt list; 0: all)", default=32)
+    num_prompts: int = _help(
+        "held-out prompts evaluated (N spread evenly over the eval prompt list; 0: all)", default=32
+    )
     num_steps: int = _help("denoising steps in evaluation", default=20)
     sde_etas: tuple[float, ...] = _help(
         "every-step SDE etas evaluated beside the ODE and the training sampler (metrics labelled sde_eta=<x>)",

@@ -69,6 +69,11 @@ def load_prompts(source: str) -> list[str]:
 
 
 def load_eval_prompts(config: Config) -> list[str]:
-    """The held-out prompts a run evaluates on: the first ``eval.num_prompts`` of ``prompts.eval`` (0: all)."""
+    """The held-out prompts a run evaluates on: ``eval.num_prompts`` of ``prompts.eval`` spread evenly over the list,
+    in its order (0 or more than it holds: all). A list grouped by kind (the embedded world's is) is then sampled
+    across every kind, where its first N would be mostly one."""
     prompts = load_prompts(config.prompts.eval)
-    return prompts[: config.eval.num_prompts] if config.eval.num_prompts else prompts
+    n = config.eval.num_prompts
+    if n == 0 or n >= len(prompts):
+        return prompts
+    return [prompts[i * len(prompts) // n] for i in range(n)]
