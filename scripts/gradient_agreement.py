@@ -44,9 +44,9 @@ def group_gradient(trainer: GRPOTrainer, samples, advantages: torch.Tensor, rows
     return torch.cat(grads).detach().double()
 
 
-def agreement(gradients: torch.Tensor, groups_per_update: int) -> tuple[float, float]:
-    """``(snr, cos_true)`` of an update of ``groups_per_update`` groups (a negative signal estimate counts as 0)."""
-    signal, noise = gradient_signal_and_noise(gradients)
+def agreement(signal: float, noise: float, groups_per_update: int) -> tuple[float, float]:
+    """``(snr, cos_true)`` of an update of ``groups_per_update`` groups from one group's ``|S|^2`` and ``E|N|^2`` (a
+    negative signal estimate counts as 0)."""
     snr = groups_per_update * max(signal, 0.0) / noise
     return snr, math.sqrt(snr / (1 + snr))
 
@@ -82,13 +82,15 @@ def main() -> None:
         trainer.finish()
     train = config.train
     groups_per_update = train.batch_size * train.gradient_accumulation_steps // k
-    snr, cos = agreement(torch.cat(per_epoch), groups_per_update)
+    gradients = torch.cat(per_epoch)
+    signal, noise = gradient_signal_and_noise(gradients)
+    snr, cos = agreement(signal, noise, groups_per_update)
     left_out = [
-        agreement(torch.cat(per_epoch[:e] + per_epoch[e + 1 :]), groups_per_update) for e in range(len(per_epoch))
+        agreement(*gradient_signal_and_noise(torch.cat(per_epoch[:e] + per_epoch[e + 1 :])), groups_per_update)
+        for e in range(len(per_epoch))
     ]
-    signal, noise = gradient_signal_and_noise(torch.cat(per_epoch))
     print(
-        f"{args.recipe} {' '.join(overrides)}: {args.batches} epochs, {len(torch.cat(per_epoch))} groups of {k}, "
+        f"{args.recipe} {' '.join(overrides)}: {args.batches} epochs, {len(gradients)} groups of {k}, "
         f"{groups_per_update} groups an update, {(time.perf_counter() - started) / 60:.1f} min"
     )
     print("| signal / noise per group (squared) | snr of an update | cos_true |")
