@@ -417,8 +417,7 @@ def test_runs_killed_at_random_points_resume_to_the_same_weights_and_metrics(ran
         return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
 
     full, killed = tmp_path / "full", tmp_path / "killed"
-    process = start(full, tmp_path / "markers-full")
-    assert process.wait(timeout=600) == 0, (tmp_path / "markers-full" / "log.txt").read_text()[-3000:]
+    uninterrupted = start(full, tmp_path / "markers-full")  # beside the killed runs: each has one thread
 
     rng = random.Random(20261124)
     plan = [("sampling", rng.choice([0, 1])), ("training", 2), ("checkpoint", rng.choice([3, 4]))]
@@ -438,6 +437,7 @@ def test_runs_killed_at_random_points_resume_to_the_same_weights_and_metrics(ran
     assert list((killed / "checkpoints").glob(".tmp-*")), "the last kill was meant to leave a half-written checkpoint"
     process = start(killed, tmp_path / "markers-final")
     assert process.wait(timeout=600) == 0, (tmp_path / "markers-final" / "log.txt").read_text()[-3000:]
+    assert uninterrupted.wait(timeout=600) == 0, (tmp_path / "markers-full" / "log.txt").read_text()[-3000:]
 
     a, b = _trained(full, epochs), _trained(killed, epochs)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -6,6 +6,8 @@ python tests/helpers/tiny_run.py MODEL_DIR OUTPUT_DIR [--resume latest] [--stop-
 (its epochs, its learning-rate schedule) stays that of the whole run.
 """
 
+import os
+import subprocess
 import sys
 
 from diffrl.config import Config, apply_overrides
@@ -50,6 +52,20 @@ def stop_after(epoch: int) -> None:
             raise SystemExit(0)
 
     base.Trainer.maybe_checkpoint = checkpoint_then_stop
+
+
+def run_helpers(*runs: list[str], env_extra: dict | None = None) -> None:
+    """Run this script once per argument list, all at the same time, each on one thread (a resume test's
+    uninterrupted run beside its interrupted one: most of each process is start-up, which one core serves). Asserts
+    that every run succeeds, with the failing one's output."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    processes = [
+        subprocess.Popen([sys.executable, __file__, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for args in runs
+    ]
+    outputs = [process.communicate(timeout=600)[0].decode(errors="replace") for process in processes]
+    for args, process, output in zip(runs, processes, outputs, strict=True):
+        assert process.returncode == 0, f"{args}:\n{output[-4000:]}"
 
 
 if __name__ == "__main__":

@@ -1,20 +1,15 @@
 """DRaFT-K on a tiny random SD: a differentiable reward's gradient reaches the LoRA through the last K steps only."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_run import small_config
+from tiny_run import run_helpers, small_config
 
 from diffrl.config import ConfigError, apply_overrides
 from diffrl.trainers import DRaFTTrainer, make_trainer
 
-HELPER = Path(__file__).resolve().parents[1] / "helpers" / "tiny_run.py"
 DRAFT = ["--train.algorithm", "draft", "--sample.eta", "0", "--train.draft_k", "2", "--train.lr", "1e-2"]
 
 
@@ -98,20 +93,15 @@ def test_draft_lv_needs_the_last_step_alone(random_sd_dir, tmp_path, extra):
         apply_overrides(config, [*DRAFT, *extra, "--train.draft_lv_samples", "2"])
 
 
-def _run(args: list[str]) -> None:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, str(HELPER), *args], env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-
-
 @pytest.mark.slow
 def test_a_resumed_draft_run_is_identical_to_an_uninterrupted_one(random_sd_dir, tmp_path):
     extra = [*DRAFT, "--train.epochs", "3", "--train.draft_random_k", "true", "--sample.eta", "1.0",
              "--reward.spec", "rewards_helpers:brightness"]  # fmt: skip
     full, interrupted = tmp_path / "full", tmp_path / "interrupted"
-    _run([str(random_sd_dir), str(full), *extra])
-    _run([str(random_sd_dir), str(interrupted), *extra, "--stop-after", "1"])
-    _run([str(random_sd_dir), str(interrupted), *extra, "--resume", "latest"])
+    run_helpers(
+        [str(random_sd_dir), str(full), *extra], [str(random_sd_dir), str(interrupted), *extra, "--stop-after", "1"]
+    )
+    run_helpers([str(random_sd_dir), str(interrupted), *extra, "--resume", "latest"])
     name = "adapter/pytorch_lora_weights.safetensors"
     a, b = (load_file(run / "checkpoints" / "epoch-000003" / name) for run in (full, interrupted))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

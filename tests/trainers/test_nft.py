@@ -3,20 +3,15 @@ exact."""
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_run import small_config
+from tiny_run import run_helpers, small_config
 
 from diffrl.config import FLUX_ATTENTION, ConfigError, apply_overrides
 from diffrl.trainers import NFTTrainer, make_trainer
-
-HELPER = Path(__file__).resolve().parents[1] / "helpers" / "tiny_run.py"
 
 
 def nft_overrides(model: Path, *extra: str) -> list[str]:
@@ -82,19 +77,15 @@ def test_nft_takes_any_eta(random_flux_dir, tmp_path):
         apply_overrides(config, ["--train.nft_beta", "0"])
 
 
-def _run(args: list[str]) -> None:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, str(HELPER), *args], env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-
-
 @pytest.mark.slow
 def test_a_resumed_nft_run_is_identical_to_an_uninterrupted_one(random_flux_dir, tmp_path):
     extra = nft_overrides(random_flux_dir, "--train.epochs", "3", "--train.nft_decay_rate", "0.2")
     full, interrupted = tmp_path / "full", tmp_path / "interrupted"
-    _run([str(random_flux_dir), str(full), *extra])
-    _run([str(random_flux_dir), str(interrupted), *extra, "--stop-after", "1"])
-    _run([str(random_flux_dir), str(interrupted), *extra, "--resume", "latest"])
+    run_helpers(
+        [str(random_flux_dir), str(full), *extra],
+        [str(random_flux_dir), str(interrupted), *extra, "--stop-after", "1"],
+    )
+    run_helpers([str(random_flux_dir), str(interrupted), *extra, "--resume", "latest"])
     for name in ("adapter/pytorch_lora_weights.safetensors", "trainer_tensors.safetensors"):
         a, b = (load_file(run / "checkpoints" / "epoch-000003" / name) for run in (full, interrupted))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name

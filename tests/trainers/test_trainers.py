@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_run import small_config
+from tiny_run import run_helpers, small_config
 
 from diffrl.config import ConfigError, apply_overrides
 from diffrl.trainers import GRPOTrainer, make_trainer, train
@@ -297,9 +297,11 @@ def test_resume_after_an_interrupted_run_is_identical(random_sd_dir, tmp_path, s
     prompts.write_text("a red circle\nthree blue squares\n")
     extra = [*RESUME_SETTINGS[setting], "--prompts.train", str(prompts), "--reward.spec", "rewards_helpers:brightness"]
     full, interrupted = tmp_path / "full", tmp_path / "interrupted"
-    _run([str(random_sd_dir), str(full), "--train.epochs", "3", *extra])
-    _run([str(random_sd_dir), str(interrupted), "--train.epochs", "3", "--stop-after", "1", *extra])
-    _run([str(random_sd_dir), str(interrupted), "--train.epochs", "3", "--resume", "latest", *extra])
+    run_helpers(
+        [str(random_sd_dir), str(full), "--train.epochs", "3", *extra],
+        [str(random_sd_dir), str(interrupted), "--train.epochs", "3", "--stop-after", "1", *extra],
+    )
+    run_helpers([str(random_sd_dir), str(interrupted), "--train.epochs", "3", "--resume", "latest", *extra])
     a, b = lora_weights(full, 3), lora_weights(interrupted, 3)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
