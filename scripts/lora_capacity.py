@@ -1,7 +1,7 @@
 """What can the trained weights learn with no RL? Supervised denoising on the world's own ground-truth scenes.
 
-    python scripts/lora_capacity.py [--prompt "a blue triangle and a red circle"] [--targets attention,blocks,full]
-        [--steps 300] [--eval-every 50]
+    python scripts/lora_capacity.py [--model DIR] [--prompt "a blue triangle and a red circle"]
+        [--targets attention,blocks,full] [--steps 300] [--eval-every 50]
     python scripts/lora_capacity.py --prompts recipes/prompts/shapes_train32.txt [--scenes 1024] --targets blocks
         [--steps 800] [--eval-every 400]      # held-out mode
 
@@ -78,11 +78,13 @@ def heldout_score(heldout: list[str]):
     return score
 
 
-def fit(prompts: list[str], scenes: int, target: str, steps: int, eval_every: int, score) -> tuple[list, int]:
+def fit(
+    model: str, prompts: list[str], scenes: int, target: str, steps: int, eval_every: int, score
+) -> tuple[list, int]:
     """Fit ``target`` to ``scenes`` ground-truth scenes spread evenly over ``prompts``; ``score(policy)`` at step 0,
     every ``eval_every`` steps and at the end."""
     overrides, lr = TARGETS[target]
-    policy = policies.load(apply_overrides(Config(), ["--model.path", "tiny", *overrides]))
+    policy = policies.load(apply_overrides(Config(), ["--model.path", model, *overrides]))
     if target == "full":
         policy.unet.requires_grad_(True)
         params = list(policy.unet.parameters())
@@ -126,6 +128,7 @@ def fit(prompts: list[str], scenes: int, target: str, steps: int, eval_every: in
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny", help="a diffusers directory (default: the tiny SD)")
     parser.add_argument("--prompt", default="a blue triangle and a red circle")
     parser.add_argument("--prompts", default=None, help="a prompt file or tiny:train: fit them, score held-out")
     parser.add_argument("--heldout", default="tiny:heldout")
@@ -144,7 +147,7 @@ def main() -> None:
     rows = []
     for target in args.targets.split(","):
         started = time.time()
-        curve, count = fit(prompts, scenes, target, args.steps, args.eval_every, score)
+        curve, count = fit(args.model, prompts, scenes, target, args.steps, args.eval_every, score)
         rows.append((target, count, curve, time.time() - started))
         print(f"{target}: {count} weights, " + ", ".join(f"{s}: {r}" for s, r in curve), flush=True)
     print(f"\n{title} (20 steps, guidance 2) after supervised steps of 16 scenes:")
