@@ -5,9 +5,9 @@
     python scripts/lora_capacity.py --prompts recipes/prompts/shapes_train32.txt [--scenes 1024] --targets blocks
         [--steps 800] [--eval-every 400]      # held-out mode
 
-For each set of trained weights it fits the embedded tiny SD to ground-truth scenes (the world's renders, encoded by
-the model's VAE) with the ordinary denoising loss (epsilon, uniform timesteps, AdamW, 16 scenes a step). The
-targets:
+For each set of trained weights it fits the model (``--model``, default the embedded tiny SD) to ground-truth scenes
+(the world's renders, encoded by the model's VAE) with the ordinary denoising loss (the model's own target, epsilon
+or v; uniform timesteps, AdamW, 16 scenes a step). The targets:
 
 - ``attention``: LoRA rank 8 on the attention projections (the LoRA default, lr 1e-3);
 - ``blocks``: LoRA rank 16 on ``diffrl.config.UNET_BLOCKS`` (attention, feed-forward, transformer projections and
@@ -102,6 +102,9 @@ def fit(
     embeds = policy.encode_prompts(prompts)
     optimizer = torch.optim.AdamW(params, lr=lr)
     alphas = policy.alphas_cumprod
+    if policy.prediction_type not in ("epsilon", "v_prediction"):
+        raise SystemExit(f"{model} predicts {policy.prediction_type!r}; this script fits epsilon or v-prediction.")
+    v_prediction = policy.prediction_type == "v_prediction"
     generator = torch.Generator().manual_seed(0)
 
     def scored() -> str:
@@ -117,7 +120,8 @@ def fit(
         noise = torch.randn(latents[index].shape, generator=generator)
         a = alphas[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * latents[index] + (1 - a).sqrt() * noise
-        loss = F.mse_loss(policy.unet(x_t, t, embeds[which[index]]).sample, noise)
+        target = a.sqrt() * noise - (1 - a).sqrt() * latents[index] if v_prediction else noise
+        loss = F.mse_loss(policy.unet(x_t, t, embeds[which[index]]).sample, target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -11,7 +11,8 @@ Stages, each resumable from its latest checkpoint under ``--work`` (re-run the s
      to 1 / std(latents);
   3. cache the latents of every scene;
   4. train the UNet and the text encoder jointly (epsilon loss, min-SNR weighting, 10% empty captions for
-     classifier-free guidance, an EMA of the weights);
+     classifier-free guidance, an EMA of the weights; with --zero-terminal-snr the schedule ends in pure noise and
+     the UNet predicts v, see ``diffrl.tiny.build.build_scheduler``);
   5. save the EMA weights in diffusers' layout to ``--out``.
 """
 
@@ -219,7 +220,12 @@ def train_unet(work: Path, latents: torch.Tensor, captions: list[str], args: arg
     tokenizer = build_tokenizer(work / "tokenizer")
     text_encoder = build_text_encoder(tokenizer)
     unet = build_unet()
-    scheduler = build_scheduler()
+    scheduler = build_scheduler(args.zero_terminal_snr)
+    schedule_path = work / "unet_schedule.json"
+    schedule = {"zero_terminal_snr": args.zero_terminal_snr}
+    if schedule_path.exists() and json.loads(schedule_path.read_text()) != schedule:
+        raise SystemExit(f"{work} holds a UNet trained with {schedule_path.read_text()}; use another --work.")
+    schedule_path.write_text(json.dumps(schedule))
     ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
     ids = ids.input_ids
     empty_ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
@@ -240,8 +246,14 @@ def train_unet(work: Path, latents: torch.Tensor, captions: list[str], args: arg
         encoder_hidden_states = text_encoder(batch_ids)[0]
         pred = unet(x_t, t, encoder_hidden_states).sample
         snr = compute_snr(scheduler, t)
-        weight = torch.clamp(snr, max=args.snr_gamma) / snr  # min-SNR-gamma for epsilon prediction
-        return (weight * F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
+        if args.zero_terminal_snr:
+            # v-prediction; min-SNR-gamma's clean-sample weight plus one, so that the pure-noise end (SNR 0), where the
+            # caption alone decides the scene, keeps a weight of 1 instead of 0
+            target = a.sqrt() * noise - (1 - a).sqrt() * x0
+            weight = (torch.clamp(snr, max=args.snr_gamma) + 1) / (snr + 1)
+        else:
+            target, weight = noise, torch.clamp(snr, max=args.snr_gamma) / snr  # min-SNR-gamma for epsilon prediction
+        return (weight * F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))).mean()
 
     modules = {"unet": unet, "text_encoder": text_encoder}
     train_jointly(
@@ -294,6 +306,11 @@ def main() -> None:
     parser.add_argument("--vae-kl", type=float, default=1e-5, help="weight of the VAE's KL term")
     parser.add_argument("--unet-steps", type=int, default=4000)
     parser.add_argument("--snr-gamma", type=float, default=5.0)
+    parser.add_argument(
+        "--zero-terminal-snr",
+        action="store_true",
+        help="rescale the schedule to end in pure noise and train v-prediction with trailing timesteps",
+    )
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -304,7 +321,8 @@ def main() -> None:
     vae = train_vae(args.work, images, args)
     latents = encode_latents(args.work, vae, images)
     unet, text_encoder, tokenizer = train_unet(args.work, latents, captions, args)
-    save_pipeline(args.out, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet)
+    scheduler = build_scheduler(args.zero_terminal_snr)
+    save_pipeline(args.out, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
     print(f"saved the tiny model to {args.out} ({(time.time() - started) / 60:.1f} min this run)")
 
 

@@ -1,7 +1,12 @@
 import torch
 from diffusers import StableDiffusionPipeline
 
+from diffrl.config import LoraConfig, ModelConfig
+from diffrl.policies.sd import SDPolicy
+from diffrl.sampling.gddim import to_x0_eps
+from diffrl.sampling.rollout import rollout
 from diffrl.tiny.build import (
+    build_scheduler,
     build_text_encoder,
     build_tokenizer,
     build_unet,
@@ -43,3 +48,29 @@ def test_random_tiny_pipeline_round_trips_through_plain_diffusers(tmp_path):
     ).images
     assert images.shape == (2, 3, 64, 64)
     assert images.min() >= 0 and images.max() <= 1
+
+
+def test_a_zero_terminal_snr_model_starts_from_pure_noise_and_samples_at_every_eta(tmp_path):
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer(tmp_path / "tokenizer")
+    save_pipeline(
+        tmp_path / "model",
+        vae=build_vae(),
+        text_encoder=build_text_encoder(tokenizer),
+        tokenizer=tokenizer,
+        unet=build_unet(),
+        scheduler=build_scheduler(zero_terminal_snr=True),
+        dtype=torch.float32,
+    )
+    policy = SDPolicy.load(ModelConfig(path=str(tmp_path / "model")), LoraConfig())
+    assert policy.prediction_type == "v_prediction"
+    first = policy.schedule(5).timesteps[0]
+    assert first == 999 and policy.alphas_cumprod[first] == 0
+    # at SNR 0 the clean sample is minus v and the noise is the sample itself: finite, no division by a_t
+    v, x = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    x0, eps = to_x0_eps(v, x, torch.tensor(0.0), "v_prediction")
+    assert torch.equal(x0, -v) and torch.equal(eps, x)
+    for eta in (0.0, 1.0, 2.5):
+        out = rollout(policy, ["a red circle", "two blue squares"], [1, 2], eta=eta, num_steps=5, guidance_scale=2.0)
+        assert torch.isfinite(out.images).all() and torch.isfinite(out.log_probs).all()
+        assert (out.log_probs != 0).all() == (eta > 0)
