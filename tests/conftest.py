@@ -16,22 +16,9 @@ import pytest
 @pytest.fixture(scope="session")
 def random_sd_dir(tmp_path_factory) -> Path:
     """A tiny Stable Diffusion with random weights in diffusers' layout (the embedded model's architecture)."""
-    import torch
+    from random_models import save_random_sd
 
-    from diffrl.tiny.build import build_text_encoder, build_tokenizer, build_unet, build_vae, save_pipeline
-
-    torch.manual_seed(0)
-    root = tmp_path_factory.mktemp("random_sd")
-    tokenizer = build_tokenizer(root / "tokenizer_src")
-    save_pipeline(
-        root / "model",
-        vae=build_vae(),
-        text_encoder=build_text_encoder(tokenizer),
-        tokenizer=tokenizer,
-        unet=build_unet(),
-        dtype=torch.float32,
-    )
-    return root / "model"
+    return save_random_sd(tmp_path_factory.mktemp("random_sd"))
 
 
 def build_random_flux(directory: Path, *, guidance_embeds: bool = False) -> Path:

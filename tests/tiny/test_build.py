@@ -1,19 +1,12 @@
 import torch
 from diffusers import StableDiffusionPipeline
+from random_models import save_random_sd
 
 from diffrl.config import LoraConfig, ModelConfig
 from diffrl.policies.sd import SDPolicy
 from diffrl.sampling.gddim import to_x0_eps
 from diffrl.sampling.rollout import rollout
-from diffrl.tiny.build import (
-    build_scheduler,
-    build_text_encoder,
-    build_tokenizer,
-    build_unet,
-    build_vae,
-    grammar_words,
-    save_pipeline,
-)
+from diffrl.tiny.build import build_scheduler, build_tokenizer, grammar_words
 from diffrl.tiny.world import all_captions
 
 
@@ -28,15 +21,8 @@ def test_every_grammar_word_is_one_token_and_other_words_still_encode(tmp_path):
 
 
 def test_random_tiny_pipeline_round_trips_through_plain_diffusers(tmp_path):
-    tokenizer = build_tokenizer(tmp_path / "tokenizer")
-    save_pipeline(
-        tmp_path / "model",
-        vae=build_vae(),
-        text_encoder=build_text_encoder(tokenizer),
-        tokenizer=tokenizer,
-        unet=build_unet(),
-    )
-    pipeline = StableDiffusionPipeline.from_pretrained(tmp_path / "model")
+    # saved as the shipped model is (UNet and VAE in float16); diffusers loads them as float32
+    pipeline = StableDiffusionPipeline.from_pretrained(save_random_sd(tmp_path, dtype=torch.float16))
     assert pipeline.unet.dtype == torch.float32
     assert pipeline.text_encoder.dtype == torch.float32
     images = pipeline(
@@ -51,18 +37,8 @@ def test_random_tiny_pipeline_round_trips_through_plain_diffusers(tmp_path):
 
 
 def test_a_zero_terminal_snr_model_starts_from_pure_noise_and_samples_at_every_eta(tmp_path):
-    torch.manual_seed(0)
-    tokenizer = build_tokenizer(tmp_path / "tokenizer")
-    save_pipeline(
-        tmp_path / "model",
-        vae=build_vae(),
-        text_encoder=build_text_encoder(tokenizer),
-        tokenizer=tokenizer,
-        unet=build_unet(),
-        scheduler=build_scheduler(zero_terminal_snr=True),
-        dtype=torch.float32,
-    )
-    policy = SDPolicy.load(ModelConfig(path=str(tmp_path / "model")), LoraConfig())
+    model = save_random_sd(tmp_path, scheduler=build_scheduler(zero_terminal_snr=True))
+    policy = SDPolicy.load(ModelConfig(path=str(model)), LoraConfig())
     assert policy.prediction_type == "v_prediction"
     first = policy.schedule(5).timesteps[0]
     assert first == 999 and policy.alphas_cumprod[first] == 0
