@@ -220,9 +220,14 @@ def train_unet(work: Path, latents: torch.Tensor, captions: list[str], args: arg
     tokenizer = build_tokenizer(work / "tokenizer")
     text_encoder = build_text_encoder(tokenizer)
     unet = build_unet()
+    if args.init is not None:
+        if not (args.init / "unet" / "config.json").exists():
+            raise SystemExit(f"--init {args.init} holds no tiny SD (no unet/config.json); give a model directory.")
+        unet = type(unet).from_pretrained(args.init / "unet", torch_dtype=torch.float32)
+        text_encoder = type(text_encoder).from_pretrained(args.init / "text_encoder", torch_dtype=torch.float32)
     scheduler = build_scheduler(args.zero_terminal_snr)
     schedule_path = work / "unet_schedule.json"
-    schedule = {"zero_terminal_snr": args.zero_terminal_snr}
+    schedule = {"zero_terminal_snr": args.zero_terminal_snr, "init": None if args.init is None else str(args.init)}
     if schedule_path.exists() and json.loads(schedule_path.read_text()) != schedule:
         raise SystemExit(f"{work} holds a UNet trained with {schedule_path.read_text()}; use another --work.")
     schedule_path.write_text(json.dumps(schedule))
@@ -299,6 +304,13 @@ def main() -> None:
         default=None,
         help="an autoencoder folder to reuse instead of training one (e.g. src/diffrl/tiny/sd/vae when only the "
         "UNet's data changes; its scaling factor is set again from these scenes' latents)",
+    )
+    parser.add_argument(
+        "--init",
+        type=Path,
+        default=None,
+        help="start the UNet and text encoder from this model's weights instead of random ones (continued "
+        "pretraining, e.g. onto --zero-terminal-snr; --unet-steps then counts the added steps)",
     )
     parser.add_argument("--vae-steps", type=int, default=1500)
     parser.add_argument("--vae-batch", type=int, default=32)
