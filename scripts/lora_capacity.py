@@ -85,6 +85,8 @@ def fit(
     every ``eval_every`` steps and at the end."""
     overrides, lr = TARGETS[target]
     policy = policies.load(apply_overrides(Config(), ["--model.path", model, *overrides]))
+    if policy.prediction_type not in ("epsilon", "v_prediction"):
+        raise SystemExit(f"{model} predicts {policy.prediction_type!r}; this script fits epsilon or v-prediction.")
     if target == "full":
         policy.unet.requires_grad_(True)
         params = list(policy.unet.parameters())
@@ -102,9 +104,6 @@ def fit(
     embeds = policy.encode_prompts(prompts)
     optimizer = torch.optim.AdamW(params, lr=lr)
     alphas = policy.alphas_cumprod
-    if policy.prediction_type not in ("epsilon", "v_prediction"):
-        raise SystemExit(f"{model} predicts {policy.prediction_type!r}; this script fits epsilon or v-prediction.")
-    v_prediction = policy.prediction_type == "v_prediction"
     generator = torch.Generator().manual_seed(0)
 
     def scored() -> str:
@@ -120,7 +119,10 @@ def fit(
         noise = torch.randn(latents[index].shape, generator=generator)
         a = alphas[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * latents[index] + (1 - a).sqrt() * noise
-        target = a.sqrt() * noise - (1 - a).sqrt() * latents[index] if v_prediction else noise
+        if policy.prediction_type == "v_prediction":
+            target = policy.scheduler.get_velocity(latents[index], noise, t)
+        else:
+            target = noise
         loss = F.mse_loss(policy.unet(x_t, t, embeds[which[index]]).sample, target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -254,7 +254,7 @@ def train_unet(work: Path, latents: torch.Tensor, captions: list[str], args: arg
         if args.zero_terminal_snr:
             # v-prediction; min-SNR-gamma's clean-sample weight plus one, so that the pure-noise end (SNR 0), where the
             # caption alone decides the scene, keeps a weight of 1 instead of 0
-            target = a.sqrt() * noise - (1 - a).sqrt() * x0
+            target = scheduler.get_velocity(x0, noise, t)
             weight = (torch.clamp(snr, max=args.snr_gamma) + 1) / (snr + 1)
         else:
             target, weight = noise, torch.clamp(snr, max=args.snr_gamma) / snr  # min-SNR-gamma for epsilon prediction
