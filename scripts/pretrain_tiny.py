@@ -3,10 +3,11 @@
     python scripts/pretrain_tiny.py --out src/diffrl/tiny/sd --work runs/pretrain_tiny
 
 Stages, each resumable from its latest checkpoint under ``--work`` (re-run the same command after an interruption):
-  1. render a fixed data set of scenes from the *training* prompts only (held-out prompts are never seen) and
-     caption each loosely (``diffrl.tiny.world.loose_caption``: each attribute names another value with
-     probability --attribute-noise, some captions name one object of two or leave out the colours), so that the
-     model draws every scene well but follows a prompt only partly: the headroom RL is there to take;
+  1. render a fixed data set of scenes from the *training* prompts only (held-out prompts are never seen; with
+     --scenes all, from the whole grammar) and caption each loosely (``diffrl.tiny.world.loose_caption``: each
+     attribute names another value with probability --attribute-noise, some captions name one object of two or
+     leave out the colours), so that the model draws every scene well but follows a prompt only partly: the
+     headroom RL is there to take;
   2. train the 4x VAE (64x64x3 -> 16x16x4) on those scenes (or reuse one: --vae); set its latent scaling factor
      to 1 / std(latents);
   3. cache the latents of every scene;
@@ -68,26 +69,42 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
 # 1. data
 
 
-def render_dataset(work: Path, num_scenes: int, seed: int, looseness: Looseness) -> tuple[torch.Tensor, list[str]]:
-    """``[N, 64, 64, 3]`` uint8 scenes and the loose caption each is trained with."""
+SCENE_SETS = ("train", "all")
+
+
+def render_dataset(
+    work: Path, num_scenes: int, seed: int, looseness: Looseness, scenes: str = "train"
+) -> tuple[torch.Tensor, list[str]]:
+    """``[N, 64, 64, 3]`` uint8 scenes and the loose caption each is trained with.
+
+    ``scenes`` is ``"train"`` (scenes and captions of the training prompts only: a held-out prompt is never seen,
+    not even as a wrong caption) or ``"all"`` (the whole grammar: held-out prompts are then held out from RL only,
+    as a web-pretrained model has seen most compositions an RL benchmark asks for).
+    """
+    if scenes not in SCENE_SETS:
+        raise SystemExit(f"--scenes must be one of {SCENE_SETS}; got {scenes!r}.")
     path = work / "scenes.safetensors"
     captions_path = work / "captions.json"
     if path.exists() and captions_path.exists():
         saved = json.loads(captions_path.read_text())
         if saved.get("looseness") != vars(looseness):
             raise SystemExit(f"{work} holds scenes captioned with {saved.get('looseness')}; use another --work.")
+        if saved.get("scene_set", "train") != scenes:
+            raise SystemExit(f"{work} holds scenes of --scenes {saved.get('scene_set', 'train')}; use another --work.")
         return load_file(path)["images"], saved["texts"]
     rng = random.Random(seed)
-    train = load_prompts("train")
-    by_kind, allowed = captions_by_kind(train), set(train)
-    scenes, texts, images = [], [], np.empty((num_scenes, 64, 64, 3), dtype=np.uint8)
+    prompts = load_prompts("train") + (load_prompts("heldout") if scenes == "all" else [])
+    by_kind, allowed = captions_by_kind(prompts), set(prompts)
+    scene_texts, texts, images = [], [], np.empty((num_scenes, 64, 64, 3), dtype=np.uint8)
     for i in tqdm(range(num_scenes), desc="render scenes"):
         caption = sample_caption(rng, by_kind)
-        scenes.append(caption.text)
+        scene_texts.append(caption.text)
         texts.append(loose_caption(caption, looseness, rng, allowed))
         images[i] = render(caption, seed * 10_000_019 + i)
     atomic_save_file({"images": torch.from_numpy(images)}, path)
-    captions_path.write_text(json.dumps({"looseness": vars(looseness), "scenes": scenes, "texts": texts}))
+    captions_path.write_text(
+        json.dumps({"looseness": vars(looseness), "scene_set": scenes, "scenes": scene_texts, "texts": texts})
+    )
     return torch.from_numpy(images), texts
 
 
@@ -281,6 +298,13 @@ def add_joint_training_args(parser: argparse.ArgumentParser, networks: str, batc
     parser.add_argument("--attribute-noise", type=float, default=Looseness.attribute_noise)
     parser.add_argument("--partial", type=float, default=Looseness.partial)
     parser.add_argument("--drop-color", type=float, default=Looseness.drop_color)
+    parser.add_argument(
+        "--scenes",
+        choices=SCENE_SETS,
+        default="train",
+        help="which prompts' scenes and captions pretraining sees: the training prompts only, or the whole grammar "
+        "(held-out prompts then held out from RL only)",
+    )
     parser.add_argument("--batch", type=int, default=batch, help="scenes per step")
     parser.add_argument("--lr", type=float, default=5e-4, help=f"peak learning rate of {networks}")
     parser.add_argument("--ema-decay", type=float, default=0.999)
@@ -329,7 +353,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     args.work.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    images, captions = render_dataset(args.work, args.num_scenes, args.seed, looseness_of(args))
+    images, captions = render_dataset(args.work, args.num_scenes, args.seed, looseness_of(args), args.scenes)
     vae = train_vae(args.work, images, args)
     latents = encode_latents(args.work, vae, images)
     unet, text_encoder, tokenizer = train_unet(args.work, latents, captions, args)

@@ -106,7 +106,7 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     args.data.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    images, captions = render_dataset(args.data, args.num_scenes, args.seed, looseness_of(args))
+    images, captions = render_dataset(args.data, args.num_scenes, args.seed, looseness_of(args), args.scenes)
     parts = shared_parts()
     latents = encode_latents(args.data, parts[0], images[: args.num_scenes])[: args.num_scenes]
     transformer, t5 = train_transformer(args.work, latents, captions[: args.num_scenes], parts, args)
