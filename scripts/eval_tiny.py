@@ -12,6 +12,10 @@ empty prompt), and scores them with the ``shapes`` verifier:
 - **best-of-N**: per prompt the best of its N samples, averaged over prompts (what re-weighting the model's own
   samples can reach);
 - **ceiling**: ground-truth scenes of the same prompts, rendered by the world, encoded and decoded by the model's VAE;
+- **the data's own adherence** (``--data``, a pretraining work directory): per prompt, up to 16 pretraining scenes
+  whose loose caption is exactly the prompt, scored against it: what a model that fits its pretraining data
+  exactly would score without guidance. Below it the model under-fits its data (a skill it lacks); at it, what is
+  left is the captions' looseness (a choice RL can re-weight);
 - **constraints missed**: per kind of constraint (an object of a named colour present, its count, its shape, the
   relation, nothing of another colour), the share of the samples' constraints of that kind that fail: what the
   model gets wrong, and so what a trainer has to change.
@@ -22,6 +26,8 @@ It also saves a grid: rows of conditional samples and a row of unconditional one
 from __future__ import annotations
 
 import argparse
+import json
+import random
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -30,6 +36,7 @@ import numpy as np
 import torch
 from diffusers import FluxPipeline, StableDiffusionPipeline
 from PIL import Image
+from safetensors import safe_open
 
 from diffrl.rewards.shapes import shapes, verify
 from diffrl.tiny import tiny_model_path
@@ -59,6 +66,26 @@ def through_vae(pipeline, prompts: list[str]) -> torch.Tensor:
     vae = pipeline.vae
     decoded = torch.cat([vae.decode(vae.encode(x[i : i + 64]).latent_dist.mean).sample for i in range(0, len(x), 64)])
     return ((decoded + 1) / 2).clamp(0, 1)
+
+
+def data_adherence(work: Path, prompts: list[str], per_prompt: int = 16, seed: int = 0) -> list[float]:
+    """Per prompt, the verifier's mean score of up to ``per_prompt`` scenes of the pretraining data set in ``work``
+    (``scripts/pretrain_tiny.py``'s) whose loose caption is exactly the prompt; NaN where no caption is."""
+    captions = work / "captions.json"
+    if not captions.exists():
+        raise SystemExit(f"{work} holds no pretraining data set (captions.json); pass the --work of pretrain_tiny.py.")
+    indices = defaultdict(list)
+    for i, text in enumerate(json.loads(captions.read_text())["texts"]):
+        indices[text].append(i)
+    rng, scores = random.Random(seed), []
+    with safe_open(str(work / "scenes.safetensors"), "pt") as f:
+        scenes = f.get_slice("images")
+        for prompt in prompts:
+            chosen = rng.sample(indices[prompt], min(per_prompt, len(indices[prompt])))
+            caption = parse(prompt)
+            values = [verify(scenes[i : i + 1][0].numpy(), caption).score for i in chosen]
+            scores.append(float(np.mean(values)) if values else float("nan"))
+    return scores
 
 
 def by_kind(prompts: list[str], values: list[float]) -> dict[str, float]:
@@ -94,6 +121,7 @@ def main() -> None:
     parser.add_argument("--prompts", default="heldout", choices=("heldout", "train"))
     parser.add_argument("--max-prompts", type=int, default=0, help="the first N prompts only (0: all)")
     parser.add_argument("--grid", type=Path, default=Path("runs/tiny_grid.png"))
+    parser.add_argument("--data", type=Path, default=None, help="a pretraining --work directory: its own adherence")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     pipeline_class = FluxPipeline if args.family == "flux" else StableDiffusionPipeline
@@ -120,6 +148,12 @@ def main() -> None:
     print(row("mean (ODE)", prompts, per_prompt.mean(dim=1).tolist()))
     print(row(f"best of {n}", prompts, per_prompt.max(dim=1).values.tolist()))
     print(row("ground truth through the VAE", prompts, ceiling.tolist()))
+    if args.data:
+        adherence = data_adherence(args.data, prompts)
+        seen = [(p, a) for p, a in zip(prompts, adherence, strict=True) if not np.isnan(a)]
+        if seen:
+            print(row("the pretraining data's own adherence", [p for p, _ in seen], [a for _, a in seen]))
+        print(f"({len(seen)} of {len(prompts)} prompts are pretraining captions)")
     print(f"share of samples with every constraint met: {(rewards == 1).float().mean():.3f}")
     missed = missed_by_kind(images, repeated)
     print("constraints missed, by kind: " + ", ".join(f"{kind} {share:.2f}" for kind, share in missed.items()))
