@@ -68,23 +68,23 @@ def through_vae(pipeline, prompts: list[str]) -> torch.Tensor:
     return ((decoded + 1) / 2).clamp(0, 1)
 
 
-def data_adherence(work: Path, prompts: list[str], per_prompt: int = 16, seed: int = 0) -> list[float]:
-    """Per prompt, the verifier's mean score of up to ``per_prompt`` scenes of the pretraining data set in ``work``
-    (``scripts/pretrain_tiny.py``'s) whose loose caption is exactly the prompt; NaN where no caption is."""
+def data_adherence(work: Path, prompts: list[str], per_prompt: int = 16, seed: int = 0) -> dict[str, float]:
+    """For each prompt that is a loose caption in the pretraining data set in ``work`` (of ``pretrain_tiny.py``), the
+    verifier's mean score of up to ``per_prompt`` of the scenes captioned with it."""
     captions = work / "captions.json"
     if not captions.exists():
         raise SystemExit(f"{work} holds no pretraining data set (captions.json); pass the --work of pretrain_tiny.py.")
     indices = defaultdict(list)
     for i, text in enumerate(json.loads(captions.read_text())["texts"]):
         indices[text].append(i)
-    rng, scores = random.Random(seed), []
+    rng, scores = random.Random(seed), {}
     with safe_open(str(work / "scenes.safetensors"), "pt") as f:
         scenes = f.get_slice("images")
         for prompt in prompts:
-            chosen = rng.sample(indices[prompt], min(per_prompt, len(indices[prompt])))
-            caption = parse(prompt)
-            values = [verify(scenes[i : i + 1][0].numpy(), caption).score for i in chosen]
-            scores.append(float(np.mean(values)) if values else float("nan"))
+            if indices[prompt]:
+                chosen = rng.sample(indices[prompt], min(per_prompt, len(indices[prompt])))
+                caption = parse(prompt)
+                scores[prompt] = float(np.mean([verify(scenes[i : i + 1][0].numpy(), caption).score for i in chosen]))
     return scores
 
 
@@ -150,10 +150,9 @@ def main() -> None:
     print(row("ground truth through the VAE", prompts, ceiling.tolist()))
     if args.data:
         adherence = data_adherence(args.data, prompts)
-        seen = [(p, a) for p, a in zip(prompts, adherence, strict=True) if not np.isnan(a)]
-        if seen:
-            print(row("the pretraining data's own adherence", [p for p, _ in seen], [a for _, a in seen]))
-        print(f"({len(seen)} of {len(prompts)} prompts are pretraining captions)")
+        if adherence:
+            print(row("the pretraining data's own adherence", list(adherence), list(adherence.values())))
+        print(f"({len(adherence)} of {len(prompts)} prompts are pretraining captions)")
     print(f"share of samples with every constraint met: {(rewards == 1).float().mean():.3f}")
     missed = missed_by_kind(images, repeated)
     print("constraints missed, by kind: " + ", ".join(f"{kind} {share:.2f}" for kind, share in missed.items()))

@@ -287,7 +287,7 @@ def train_unet(work: Path, latents: torch.Tensor, captions: list[str], args: arg
         desc="unet",
         args=args,
     )
-    return unet, text_encoder, tokenizer
+    return unet, text_encoder, tokenizer, scheduler
 
 
 def add_joint_training_args(parser: argparse.ArgumentParser, networks: str, batch: int = 128) -> None:
@@ -356,8 +356,7 @@ def main() -> None:
     images, captions = render_dataset(args.work, args.num_scenes, args.seed, looseness_of(args), args.scenes)
     vae = train_vae(args.work, images, args)
     latents = encode_latents(args.work, vae, images)
-    unet, text_encoder, tokenizer = train_unet(args.work, latents, captions, args)
-    scheduler = build_scheduler(args.zero_terminal_snr)
+    unet, text_encoder, tokenizer, scheduler = train_unet(args.work, latents, captions, args)
     save_pipeline(args.out, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
     print(f"saved the tiny model to {args.out} ({(time.time() - started) / 60:.1f} min this run)")
 
