@@ -87,7 +87,7 @@ def render_dataset(
     captions_path = work / "captions.json"
     if path.exists() and captions_path.exists():
         saved = json.loads(captions_path.read_text())
-        if saved.get("looseness") != vars(looseness):
+        if {"mismatch": 0.0, **saved.get("looseness", {})} != vars(looseness):  # older work dirs lack mismatch
             raise SystemExit(f"{work} holds scenes captioned with {saved.get('looseness')}; use another --work.")
         if saved.get("scene_set", "train") != scenes:
             raise SystemExit(f"{work} holds scenes of --scenes {saved.get('scene_set', 'train')}; use another --work.")
@@ -299,6 +299,12 @@ def add_joint_training_args(parser: argparse.ArgumentParser, networks: str, batc
     parser.add_argument("--partial", type=float, default=Looseness.partial)
     parser.add_argument("--drop-color", type=float, default=Looseness.drop_color)
     parser.add_argument(
+        "--mismatch",
+        type=float,
+        default=Looseness.mismatch,
+        help="share of scenes captioned with another prompt altogether",
+    )
+    parser.add_argument(
         "--scenes",
         choices=SCENE_SETS,
         default="train",
@@ -314,7 +320,9 @@ def add_joint_training_args(parser: argparse.ArgumentParser, networks: str, batc
 
 
 def looseness_of(args: argparse.Namespace) -> Looseness:
-    return Looseness(attribute_noise=args.attribute_noise, partial=args.partial, drop_color=args.drop_color)
+    return Looseness(
+        attribute_noise=args.attribute_noise, partial=args.partial, drop_color=args.drop_color, mismatch=args.mismatch
+    )
 
 
 def main() -> None:

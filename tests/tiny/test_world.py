@@ -140,6 +140,38 @@ def test_loose_captions_never_name_a_held_out_prompt_and_follow_their_rates():
     assert 0.03 < partial / 4000 < 0.08  # half the scenes have two objects, a tenth of those are named in part
 
 
+def test_mismatched_captions_name_another_prompt_drawn_as_scenes_are():
+    from collections import Counter
+
+    from diffrl.tiny.world import Looseness, loose_caption
+
+    train, _ = split_prompts()
+    allowed, by_kind = set(train), captions_by_kind(train)
+    rng = random.Random(3)
+    looseness = Looseness(attribute_noise=0.0, drop_color=0.0, mismatch=0.5)
+    followed, caption_kinds = Counter(), Counter()
+    for _ in range(4000):
+        scene = sample_caption(rng, by_kind)
+        text = loose_caption(scene, looseness, rng, allowed)
+        assert text in allowed
+        followed[scene.kind] += text == scene.text
+        caption_kinds[parse(text).kind] += 1
+    # every kind is followed by about half its captions, and the captions' kinds stay as even as the scenes'
+    for kind in by_kind:
+        assert 0.42 < followed[kind] / 1000 < 0.58, (kind, followed)
+        assert 850 < caption_kinds[kind] < 1150, caption_kinds
+    # with no mismatch (the default) a caption is exact whenever nothing else perturbs it
+    exact = Looseness(attribute_noise=0.0, drop_color=0.0)
+    assert all(loose_caption(c, exact, rng, allowed) == c.text for c in all_captions() if c.text in allowed)
+
+
+def test_looseness_rates_must_be_probabilities():
+    from diffrl.tiny.world import Looseness
+
+    with pytest.raises(ValueError, match=r"mismatch is a probability; give a value in \[0, 1\], not 1.5"):
+        Looseness(mismatch=1.5)
+
+
 def test_perturbed_captions_keep_two_distinct_colours_and_their_kind():
     from diffrl.tiny.world import perturb
 

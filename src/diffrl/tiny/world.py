@@ -17,6 +17,7 @@ combinations of seen colours and shapes, shipped as ``prompts/train.txt`` and ``
 
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass
 from importlib import resources
@@ -275,12 +276,20 @@ class Looseness:
 
     ``attribute_noise`` is the probability that each attribute of a caption (each group's colour and shape, a count,
     a relation) names another value than the scene has; ``partial`` the share of two-object scenes captioned with
-    one of their objects only; ``drop_color`` the share of captions with their colour words left out.
+    one of their objects only; ``drop_color`` the share of captions with their colour words left out;
+    ``mismatch`` the share of scenes captioned with another prompt altogether, so that a model follows a prompt or
+    ignores it as a whole (a mode its prediction chooses, as guidance does) rather than attribute by attribute.
     """
 
     attribute_noise: float = 0.25
     partial: float = 0.0
     drop_color: float = 0.05
+    mismatch: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"Looseness.{name} is a probability; give a value in [0, 1], not {value}.")
 
 
 def _other(value: str | int, choices, rng: random.Random):
@@ -304,9 +313,16 @@ def perturb(caption: Caption, noise: float, rng: random.Random) -> Caption:
     return Caption(caption.kind, tuple(groups), relation)
 
 
+@functools.lru_cache(maxsize=4)
+def _texts_by_kind(prompts: frozenset[str]) -> dict[str, list[str]]:
+    return {kind: [c.text for c in captions] for kind, captions in captions_by_kind(sorted(prompts)).items()}
+
+
 def loose_caption(scene: Caption, looseness: Looseness, rng: random.Random, allowed: set[str]) -> str:
     """The text a pretraining scene of ``scene`` is captioned with.
 
+    0. With probability ``looseness.mismatch`` another prompt of ``allowed``, drawn as scenes are (kind first, then
+       uniformly within its kind), so that every prompt is followed by about the same share of its captions.
     1. With probability ``looseness.partial`` a two-object scene is captioned with one of its objects ("a red
        circle" for a red circle left of a blue square): the model learns that a named object may come with others.
     2. Otherwise each attribute is perturbed (:func:`perturb`); a result outside ``allowed`` (the training prompts,
@@ -314,6 +330,9 @@ def loose_caption(scene: Caption, looseness: Looseness, rng: random.Random, allo
        the exact caption used if none is allowed.
     3. With probability ``looseness.drop_color`` the colour words are then left out ("a circle and a square").
     """
+    if looseness.mismatch and rng.random() < looseness.mismatch:
+        by_kind = _texts_by_kind(frozenset(allowed))
+        return rng.choice([text for text in by_kind[rng.choice(sorted(by_kind))] if text != scene.text])
     if len(scene.groups) == 2 and rng.random() < looseness.partial:
         text = caption_text(Caption("single", (scene.groups[rng.randrange(2)],)))
     else:
