@@ -6,7 +6,8 @@ Stages, each resumable from its latest checkpoint under ``--work`` (re-run the s
   1. render a fixed data set of scenes from the *training* prompts only (held-out prompts are never seen; with
      --scenes all, from the whole grammar) and caption each loosely (``diffrl.tiny.world.loose_caption``: each
      attribute names another value with probability --attribute-noise, some captions name one object of two or
-     leave out the colours), so that the model draws every scene well but follows a prompt only partly: the
+     leave out the colours, and a share --mismatch of the scenes is captioned with another prompt altogether), so
+     that the model draws every scene well but follows a prompt only partly: the
      headroom RL is there to take;
   2. train the 4x VAE (64x64x3 -> 16x16x4) on those scenes (or reuse one: --vae); set its latent scaling factor
      to 1 / std(latents);
