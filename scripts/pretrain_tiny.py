@@ -88,7 +88,8 @@ def render_dataset(
     captions_path = work / "captions.json"
     if path.exists() and captions_path.exists():
         saved = json.loads(captions_path.read_text())
-        if {"mismatch": 0.0, **saved.get("looseness", {})} != vars(looseness):  # older work dirs lack mismatch
+        # a field added since the data set was saved takes its default, which is how the scenes were captioned
+        if "looseness" not in saved or Looseness(**saved["looseness"]) != looseness:
             raise SystemExit(f"{work} holds scenes captioned with {saved.get('looseness')}; use another --work.")
         if saved.get("scene_set", "train") != scenes:
             raise SystemExit(f"{work} holds scenes of --scenes {saved.get('scene_set', 'train')}; use another --work.")
