@@ -3,18 +3,18 @@
     python scripts/pretrain_tiny.py --out src/diffrl/tiny/sd --work runs/pretrain_tiny
 
 Stages, each resumable from its latest checkpoint under ``--work`` (re-run the same command after an interruption):
-  1. render a fixed data set of scenes from the *training* prompts only (held-out prompts are never seen; with
-     --scenes all, from the whole grammar) and caption each loosely (``diffrl.tiny.world.loose_caption``: each
-     attribute names another value with probability --attribute-noise, some captions name one object of two or
-     leave out the colours, and a share --mismatch of the scenes is captioned with another prompt altogether), so
-     that the model draws every scene well but follows a prompt only partly: the
-     headroom RL is there to take;
+  1. render a fixed data set of scenes from the whole grammar (held-out prompts are held out from RL only; with
+     --scenes train, from the training prompts only, so that a held-out prompt is never seen) and caption each
+     loosely (``diffrl.tiny.world.loose_caption``): by default half of the scenes exactly and the other half with
+     another prompt altogether (--mismatch), so that the model draws every scene well but follows a prompt or
+     ignores it as a whole, a choice made early in sampling: the headroom RL is there to take (--attribute-noise,
+     --partial and --drop-color loosen captions word by word instead);
   2. train the 4x VAE (64x64x3 -> 16x16x4) on those scenes (or reuse one: --vae); set its latent scaling factor
      to 1 / std(latents);
   3. cache the latents of every scene;
-  4. train the UNet and the text encoder jointly (epsilon loss, min-SNR weighting, 10% empty captions for
-     classifier-free guidance, an EMA of the weights; with --zero-terminal-snr the schedule ends in pure noise and
-     the UNet predicts v, see ``diffrl.tiny.build.build_scheduler``);
+  4. train the UNet and the text encoder jointly (min-SNR weighting, 10% empty captions for classifier-free
+     guidance, an EMA of the weights); the schedule ends in pure noise and the UNet predicts v (zero terminal SNR,
+     see ``diffrl.tiny.build.build_scheduler``; --no-zero-terminal-snr: SD's schedule and epsilon prediction);
   5. save the EMA weights in diffusers' layout to ``--out``.
 """
 
@@ -71,6 +71,8 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
 
 
 SCENE_SETS = ("train", "all")
+# how scenes were captioned before a field of Looseness existed: a data set saved then is read with these values
+BEFORE_FIELDS = {"mismatch": 0.0}
 
 
 def render_dataset(
@@ -88,8 +90,7 @@ def render_dataset(
     captions_path = work / "captions.json"
     if path.exists() and captions_path.exists():
         saved = json.loads(captions_path.read_text())
-        # a field added since the data set was saved takes its default, which is how the scenes were captioned
-        if "looseness" not in saved or Looseness(**saved["looseness"]) != looseness:
+        if "looseness" not in saved or Looseness(**{**BEFORE_FIELDS, **saved["looseness"]}) != looseness:
             raise SystemExit(f"{work} holds scenes captioned with {saved.get('looseness')}; use another --work.")
         if saved.get("scene_set", "train") != scenes:
             raise SystemExit(f"{work} holds scenes of --scenes {saved.get('scene_set', 'train')}; use another --work.")
@@ -309,7 +310,7 @@ def add_joint_training_args(parser: argparse.ArgumentParser, networks: str, batc
     parser.add_argument(
         "--scenes",
         choices=SCENE_SETS,
-        default="train",
+        default="all",
         help="which prompts' scenes and captions pretraining sees: the training prompts only, or the whole grammar "
         "(held-out prompts then held out from RL only)",
     )
@@ -354,8 +355,10 @@ def main() -> None:
     parser.add_argument("--snr-gamma", type=float, default=5.0)
     parser.add_argument(
         "--zero-terminal-snr",
-        action="store_true",
-        help="rescale the schedule to end in pure noise and train v-prediction with trailing timesteps",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="rescale the schedule to end in pure noise and train v-prediction with trailing timesteps (the "
+        "default; --no-zero-terminal-snr: the plain SD schedule, epsilon prediction)",
     )
     args = parser.parse_args()
 

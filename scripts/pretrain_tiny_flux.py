@@ -5,8 +5,8 @@
 The tiny FLUX shares the shipped tiny Stable Diffusion's autoencoder (4x, 64x64x3 -> 16x16x4) and CLIP text
 encoder (FLUX uses its pooled output), both frozen; it trains a FLUX.1-layout transformer and a small T5 encoder
 jointly with the rectified-flow loss. Stages, each resumable (re-run the same command after an interruption):
-  1. render the scenes of the *training* prompts (the same data set as scripts/pretrain_tiny.py; reused from
-     ``--data`` when that folder has it) and encode them with the shipped VAE;
+  1. render and caption the scenes as scripts/pretrain_tiny.py does, with the same options and defaults (the same
+     data set, reused from ``--data`` when that folder has it), and encode them with the shipped VAE;
   2. train transformer + T5: ``x_t = (1 - t) x0 + t eps``, target ``eps - x0``, ``t`` logit-normal, 10% empty
      captions (for classifier-free guidance), an EMA of the weights;
   3. save the EMA weights with the shared parts as a ``FluxPipeline`` in diffusers' layout to ``--out``.

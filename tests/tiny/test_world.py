@@ -122,7 +122,7 @@ def test_loose_captions_never_name_a_held_out_prompt_and_follow_their_rates():
     by_kind = captions_by_kind(train)
     rng = random.Random(0)
     exact, total, dropped, partial = Counter(), Counter(), 0, 0
-    looseness = Looseness(attribute_noise=0.4, partial=0.1, drop_color=0.1)
+    looseness = Looseness(attribute_noise=0.4, partial=0.1, drop_color=0.1, mismatch=0.0)
     for _ in range(4000):
         scene = sample_caption(rng, by_kind)
         text = loose_caption(scene, looseness, rng, allowed)
@@ -160,8 +160,8 @@ def test_mismatched_captions_name_another_prompt_drawn_as_scenes_are():
     for kind in by_kind:
         assert 0.42 < followed[kind] / 1000 < 0.58, (kind, followed)
         assert 850 < caption_kinds[kind] < 1150, caption_kinds
-    # with no mismatch (the default) a caption is exact whenever nothing else perturbs it
-    exact = Looseness(attribute_noise=0.0, drop_color=0.0)
+    # with no mismatch a caption is exact whenever nothing else perturbs it
+    exact = Looseness(attribute_noise=0.0, drop_color=0.0, mismatch=0.0)
     assert all(loose_caption(c, exact, rng, allowed) == c.text for c in all_captions() if c.text in allowed)
 
 
