@@ -26,11 +26,12 @@ def config() -> Config:
     return Config(
         model=ModelConfig(family="sd", path="tiny"),
         lora=LoraConfig(rank=8, alpha=8.0),
-        # only the first of the 20 steps is stochastic and trained: on the embedded world the first steps decide
-        # which colour and shape fill each slot (scripts/reward_variance.py), the last ones nothing, and training
-        # costs one forward/backward pass per image (docs/learning.md)
+        # steps 2-4 of 20 are stochastic and all three trained: on the embedded world they decide whether a sample
+        # follows its prompt or draws another scene (scripts/reward_variance.py), the first step's noise is a new
+        # initial noise the policy cannot move, and the last steps decide nothing (docs/learning.md); no guidance,
+        # so that what the policy learns is what guidance would otherwise buy
         sample=SampleConfig(
-            num_steps=20, guidance_scale=2.0, eta=1.0, sde_window=(0, 1), batch_size=16, num_batches_per_epoch=8
+            num_steps=20, guidance_scale=1.0, eta=1.0, sde_window=(2, 5), batch_size=16, num_batches_per_epoch=8
         ),
         reward=RewardConfig(spec="shapes"),
         # 32 fixed training prompts (8 of each kind, from tiny:train); an epoch draws 16 (with replacement)
