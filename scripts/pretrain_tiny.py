@@ -76,7 +76,7 @@ BEFORE_FIELDS = {"mismatch": 0.0}
 
 
 def render_dataset(
-    work: Path, num_scenes: int, seed: int, looseness: Looseness, scenes: str = "train"
+    work: Path, num_scenes: int, seed: int, looseness: Looseness, scenes: str
 ) -> tuple[torch.Tensor, list[str]]:
     """``[N, 64, 64, 3]`` uint8 scenes and the loose caption each is trained with.
 

@@ -46,18 +46,18 @@ def test_the_whole_grammar_shows_held_out_scenes_and_refuses_a_work_dir_of_the_o
 
 def test_a_work_dir_of_other_captions_is_refused_and_one_saved_before_a_new_field_is_reused(pretrain_tiny, tmp_path):
     exact = Looseness(mismatch=0.0)
-    _, texts = pretrain_tiny.render_dataset(tmp_path, 50, seed=1, looseness=exact)
+    _, texts = pretrain_tiny.render_dataset(tmp_path, 50, seed=1, looseness=exact, scenes="train")
     with pytest.raises(SystemExit, match="holds scenes captioned with"):
-        pretrain_tiny.render_dataset(tmp_path, 50, seed=1, looseness=Looseness(mismatch=0.5))
+        pretrain_tiny.render_dataset(tmp_path, 50, seed=1, looseness=Looseness(mismatch=0.5), scenes="train")
     # a data set saved before Looseness had `mismatch` was captioned without it, whatever the default is now
     saved = _saved(tmp_path)
     del saved["looseness"]["mismatch"]
     (tmp_path / "captions.json").write_text(json.dumps(saved))
-    _, again = pretrain_tiny.render_dataset(tmp_path, 50, seed=1, looseness=exact)
+    _, again = pretrain_tiny.render_dataset(tmp_path, 50, seed=1, looseness=exact, scenes="train")
     assert again == texts
     with pytest.raises(SystemExit, match="holds scenes captioned with"):
-        pretrain_tiny.render_dataset(tmp_path, 50, seed=1, looseness=Looseness(mismatch=0.5))
+        pretrain_tiny.render_dataset(tmp_path, 50, seed=1, looseness=Looseness(mismatch=0.5), scenes="train")
     del saved["looseness"]
     (tmp_path / "captions.json").write_text(json.dumps(saved))
     with pytest.raises(SystemExit, match="holds scenes captioned with None"):
-        pretrain_tiny.render_dataset(tmp_path, 50, seed=1, looseness=exact)
+        pretrain_tiny.render_dataset(tmp_path, 50, seed=1, looseness=exact, scenes="train")
