@@ -26,29 +26,30 @@ def config() -> Config:
     return Config(
         model=ModelConfig(family="sd", path="tiny"),
         lora=LoraConfig(rank=8, alpha=8.0),
-        # only the first 8 of 20 steps are stochastic and trained: the layout (which shapes, where) is decided
-        # there, so the reward's variance within a batch comes from the steps that are trained
+        # steps 2-4 of 20 are stochastic and trained, without guidance, as in recipes/grpo_tiny.py: on the embedded
+        # world they decide whether a sample follows its prompt (scripts/reward_variance.py)
         sample=SampleConfig(
-            num_steps=20, guidance_scale=2.0, eta=1.0, sde_window=(0, 8), batch_size=32, num_batches_per_epoch=2
+            num_steps=20, guidance_scale=1.0, eta=1.0, sde_window=(2, 5), batch_size=32, num_batches_per_epoch=4
         ),
         reward=RewardConfig(spec="shapes"),
-        # 32 fixed training prompts (8 of each kind, drawn from tiny:train), so that every prompt is seen about twice
-        # an epoch and its own reward statistics (the per-prompt buffer) replace the batch's after two epochs
+        # 32 fixed training prompts (8 of each kind, drawn from tiny:train): an epoch of 128 images sees each about
+        # four times, so that a prompt's own reward statistics (the per-prompt buffer) replace the batch's early
         prompts=PromptConfig(train=str(PROMPTS / "shapes_train32.txt"), eval="tiny:heldout"),
         train=TrainConfig(
             algorithm="ddpo_is",
-            epochs=40,
-            lr=1.5e-3,
-            lr_schedule="cosine",
+            epochs=20,
+            lr=4e-3,
+            lr_schedule="constant",
             batch_size=32,
+            gradient_accumulation_steps=4,  # one update per epoch over its 128 images
             num_inner_epochs=1,
             clip_range=1e-2,
-            timestep_fraction=0.5,
+            timestep_fraction=1.0,
             stat_buffer_size=16,
             stat_min_count=4,
         ),
-        eval=EvalConfig(every_epochs=5, num_prompts=64, num_steps=20),
-        logging=LoggingConfig(output_dir="runs/ddpo_tiny", checkpoint_every=5),
+        eval=EvalConfig(every_epochs=10, num_prompts=64, num_steps=20),
+        logging=LoggingConfig(output_dir="runs/ddpo_tiny", checkpoint_every=10),
     )
 
 
