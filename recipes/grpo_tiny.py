@@ -31,7 +31,7 @@ def config() -> Config:
         # initial noise the policy cannot move, and the last steps decide nothing (docs/learning.md); no guidance,
         # so that what the policy learns is what guidance would otherwise buy
         sample=SampleConfig(
-            num_steps=20, guidance_scale=1.0, eta=1.0, sde_window=(2, 5), batch_size=16, num_batches_per_epoch=8
+            num_steps=20, guidance_scale=1.0, eta=1.0, sde_window=(2, 5), batch_size=32, num_batches_per_epoch=4
         ),
         reward=RewardConfig(spec="shapes"),
         # 32 fixed training prompts (8 of each kind, from tiny:train); an epoch draws 16 (with replacement)
