@@ -10,6 +10,7 @@ from PIL import Image
 
 import diffrl.trainers
 from diffrl.cli import main as cli_main
+from diffrl.cli import parse_seeds
 from diffrl.config import ConfigError
 from diffrl.grids import LABEL_WIDTH
 from diffrl.report import main as report_main
@@ -165,3 +166,14 @@ def test_the_sweep_runs_unchanged_on_sdxl_and_sd3(family, random_sdxl_dir, rando
     rows = run_sweep(str(recipe), [1.0, 1.5], [0], tmp_path / "out", OVERRIDES, [2])
     assert [(r["eta"], r["steps"]) for r in rows] == [(1.0, 2), (1.5, 2)]
     assert report_main([str(tmp_path / "out")]) == 0
+
+
+def test_sweep_seeds_are_a_count_or_a_list_and_zero_is_an_error(capsys):
+    assert parse_seeds("3") == [0, 1, 2]
+    assert parse_seeds("0,2") == [0, 2]
+    assert parse_seeds("0,") == [0]
+    for text in ("0", ","):
+        with pytest.raises(ValueError, match="--seeds"):
+            parse_seeds(text)
+    assert cli_main(["sweep", "recipe.py", "--eta", "1", "--seeds", "0"]) == 2
+    assert "for seed 0 alone pass a list: --seeds 0," in capsys.readouterr().err

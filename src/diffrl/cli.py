@@ -182,6 +182,22 @@ def _evaluate(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def parse_seeds(text: str) -> list[int]:
+    """``--seeds``: a count N (seeds 0..N-1) or a comma-separated list (``0,`` is seed 0 alone)."""
+    if "," in text:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+        if not seeds:
+            raise ValueError(f"--seeds {text!r} names no seed; pass a count (3) or a list (0,2).")
+        return seeds
+    count = int(text)
+    if count < 1:
+        raise ValueError(
+            f"--seeds {text} is a count of seeds and trains nothing; "
+            f"for seed {text} alone pass a list: --seeds {text},"
+        )
+    return list(range(count))
+
+
 def run_sweep_command(argv: list[str]) -> int:
     """Train one run per (training eta, seed) from a recipe, evaluate each ODE vs SDE, and tabulate over seeds."""
     from diffrl.sweep import markdown_table, run_sweep
@@ -189,13 +205,15 @@ def run_sweep_command(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="diffrl sweep", description=run_sweep_command.__doc__)
     parser.add_argument("recipe")
     parser.add_argument("--eta", required=True, help="comma-separated training etas, e.g. 0.5,1.0,1.2,2.0")
-    parser.add_argument("--seeds", default="3", help="a count N (seeds 0..N-1) or a comma-separated list")
+    parser.add_argument(
+        "--seeds", default="3", help="a count N (seeds 0..N-1) or a comma-separated list (0, is seed 0 alone)"
+    )
     parser.add_argument("--eval-steps", default=None, help="comma-separated step counts (default: eval.num_steps)")
     parser.add_argument("--out", default=None, help="sweep folder (default: runs/sweep-<recipe name>)")
     args, overrides = parser.parse_known_args(argv)
     try:
         etas = [float(e) for e in args.eta.split(",")]
-        seeds = [int(s) for s in args.seeds.split(",")] if "," in args.seeds else list(range(int(args.seeds)))
+        seeds = parse_seeds(args.seeds)
         steps = [int(n) for n in args.eval_steps.split(",")] if args.eval_steps else None
         out = Path(args.out or f"runs/sweep-{Path(args.recipe).stem}")
         rows = run_sweep(args.recipe, etas, seeds, out, overrides, steps)
